@@ -1,0 +1,274 @@
+"""The one typed, validated configuration of a rendezvous.
+
+This is the only module that reads `RendezvousParameters` and `--rdzv-conf` keys. Every
+default lives here; everything else receives a frozen `RendezvousConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+from etcd_rdzv.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ETCD_PORT = 2379
+DEFAULT_PREFIX = "/torchelastic/p2p"
+DEFAULT_TIMEOUT_SECONDS = 600.0
+DEFAULT_LAST_CALL_TIMEOUT_SECONDS = 30.0
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 10.0
+
+Protocol = Literal["http", "https"]
+
+# Keys torchrun or torch's other backends pass that mean nothing to this backend.
+_FOREIGN_KEYS = frozenset(
+    {
+        "rank",
+        "join_timeout",
+        "read_timeout",
+        "close_timeout",
+        "heartbeat",
+        "keep_alive_interval",
+        "keep_alive_max_attempt",
+        "is_host",
+        "store_type",
+        "local_addr",
+        "use_libuv",
+    }
+)
+_RUN_ID_PATTERN = re.compile(r"^[^/\s]{1,128}$")
+_ENDPOINT_PATTERN = re.compile(
+    r"^(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/\s]+))(?::(?P<port>\d+))?$"
+)
+
+
+@dataclass(frozen=True)
+class EtcdEndpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProtocolTtls:
+    """Lifetimes of the protocol's ephemeral keys, in seconds (torch's values by default).
+
+    A key outlives its owner by at most its TTL: these bound how long a crashed node can hold
+    the others up.
+    """
+
+    setup: float = 5.0
+    joinable: float = 10.0
+    frozen: float = 10.0
+    keep_alive: float = 10.0
+    # Only cleans up state of runs long gone; must outlast anything a live job survives.
+    run: float = 7200.0
+
+
+@dataclass(frozen=True)
+class RendezvousConfig:
+    run_id: str
+    endpoints: tuple[EtcdEndpoint, ...]
+    min_nodes: int
+    max_nodes: int
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
+    last_call_timeout: float = DEFAULT_LAST_CALL_TIMEOUT_SECONDS
+    prefix: str = DEFAULT_PREFIX
+    protocol: Protocol = "http"
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
+    ttls: ProtocolTtls = field(default_factory=ProtocolTtls)
+    local_addr: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_run_id(self.run_id)
+        if not self.endpoints:
+            raise ConfigurationError("No etcd endpoint given: pass --rdzv-endpoint HOST:PORT.")
+        if self.min_nodes < 1:
+            raise ConfigurationError(f"min_nodes must be at least 1, got {self.min_nodes}.")
+        if self.max_nodes < self.min_nodes:
+            raise ConfigurationError(
+                f"max_nodes ({self.max_nodes}) is smaller than min_nodes ({self.min_nodes}): "
+                "pass --nnodes MIN:MAX with MIN <= MAX."
+            )
+        for name in ("timeout", "last_call_timeout", "request_timeout"):
+            _check_positive(name, getattr(self, name))
+        for name, value in vars(self.ttls).items():
+            _check_positive(f"{name} TTL", value)
+        if not self.prefix.startswith("/") or (self.prefix.endswith("/") and self.prefix != "/"):
+            raise ConfigurationError(
+                f"etcd_prefix {self.prefix!r} must start with '/' and not end with one."
+            )
+
+    @property
+    def run_path(self) -> str:
+        """The etcd directory holding everything of this run (torch's layout)."""
+        base = "" if self.prefix == "/" else self.prefix
+        return f"{base}/run_{self.run_id}"
+
+    @classmethod
+    def from_parameters(cls, params: RendezvousParameters) -> RendezvousConfig:
+        conf: Mapping[str, Any] = params.config
+        _warn_unknown_keys(conf)
+        protocol = _protocol(conf.get("protocol"))
+        tls = _tls_files(conf, protocol)
+        ttls = ProtocolTtls(keep_alive=_seconds(conf, "keep_alive_ttl", ProtocolTtls.keep_alive))
+        return cls(
+            run_id=str(params.run_id),
+            endpoints=parse_endpoints(params.endpoint),
+            min_nodes=int(params.min_nodes),
+            max_nodes=int(params.max_nodes),
+            timeout=_seconds(conf, "timeout", DEFAULT_TIMEOUT_SECONDS),
+            last_call_timeout=_seconds(
+                conf, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT_SECONDS
+            ),
+            prefix=normalize_prefix(str(conf.get("etcd_prefix", DEFAULT_PREFIX))),
+            protocol=protocol,
+            tls=tls,
+            request_timeout=_seconds(conf, "request_timeout", DEFAULT_REQUEST_TIMEOUT_SECONDS),
+            ttls=ttls,
+            local_addr=params.local_addr,
+        )
+
+
+KNOWN_KEYS = frozenset(
+    {
+        "timeout",
+        "last_call_timeout",
+        "etcd_prefix",
+        "protocol",
+        "cacert",
+        "cert",
+        "key",
+        "keep_alive_ttl",
+        "request_timeout",
+    }
+)
+
+
+def parse_endpoints(text: str) -> tuple[EtcdEndpoint, ...]:
+    """Parse `host[:port]` entries separated by commas; the port defaults to 2379."""
+    if not text or not text.strip():
+        raise ConfigurationError("No etcd endpoint given: pass --rdzv-endpoint HOST:PORT.")
+    endpoints = []
+    for raw in text.split(","):
+        item = raw.strip()
+        for scheme in ("http://", "https://"):
+            if item.startswith(scheme):
+                raise ConfigurationError(
+                    f"Endpoint {item!r}: give HOST:PORT without a scheme; "
+                    "choose TLS with --rdzv-conf protocol=https."
+                )
+        match = _ENDPOINT_PATTERN.match(item)
+        if not match:
+            raise ConfigurationError(
+                f"Malformed etcd endpoint {item!r} in {text!r}: expected HOST:PORT "
+                "(several separated by commas, IPv6 as [ADDR]:PORT)."
+            )
+        port = int(match["port"]) if match["port"] else DEFAULT_ETCD_PORT
+        if not 0 < port < 65536:
+            raise ConfigurationError(f"Endpoint {item!r}: port {port} is not in 1..65535.")
+        endpoints.append(EtcdEndpoint(match["ipv6"] or match["host"], port))
+    return tuple(endpoints)
+
+
+def normalize_prefix(prefix: str) -> str:
+    stripped = "/" + prefix.strip().strip("/")
+    return stripped
+
+
+def _check_run_id(run_id: str) -> None:
+    if not _RUN_ID_PATTERN.match(run_id):
+        raise ConfigurationError(
+            f"Run id {run_id!r} is not usable as an etcd key component: use 1 to 128 "
+            "characters without '/' or white space."
+        )
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value}.")
+
+
+def _seconds(conf: Mapping[str, Any], key: str, default: float) -> float:
+    value = conf.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"--rdzv-conf {key}={value!r} is not a number of seconds."
+        ) from None
+    _check_positive(key, seconds)
+    return seconds
+
+
+def _protocol(value: object) -> Protocol:
+    if value is None or value == "http":
+        return "http"
+    if value == "https":
+        return "https"
+    raise ConfigurationError(f"--rdzv-conf protocol={value!r}: use 'http' or 'https'.")
+
+
+def _tls_files(conf: Mapping[str, Any], protocol: Protocol) -> TlsFiles:
+    paths = {name: Path(str(conf[name])) for name in ("cacert", "cert", "key") if conf.get(name)}
+    if paths and protocol != "https":
+        raise ConfigurationError(
+            f"TLS files given ({', '.join(sorted(paths))}) but protocol is http: "
+            "add --rdzv-conf protocol=https."
+        )
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ConfigurationError(f"--rdzv-conf {name}={path}: no such file.")
+    if "key" in paths and "cert" not in paths:
+        raise ConfigurationError("--rdzv-conf key= needs its certificate: add cert=PATH.")
+    tls = TlsFiles(**paths)
+    _check_tls_files_load(tls)
+    return tls
+
+
+def _check_tls_files_load(tls: TlsFiles) -> None:
+    """Load the files once now, so a wrong file fails here and not in the middle of a join."""
+    context = ssl.create_default_context()
+    try:
+        if tls.cacert:
+            context.load_verify_locations(cafile=str(tls.cacert))
+    except ssl.SSLError as error:
+        raise ConfigurationError(
+            f"--rdzv-conf cacert={tls.cacert} is not a PEM CA certificate ({error.reason})."
+        ) from None
+    try:
+        if tls.cert:
+            context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+    except ssl.SSLError as error:
+        raise ConfigurationError(
+            f"--rdzv-conf cert={tls.cert} key={tls.key}: not a matching PEM certificate and "
+            f"private key ({error.reason})."
+        ) from None
+
+
+def _warn_unknown_keys(conf: Mapping[str, Any]) -> None:
+    unknown = sorted(set(conf) - KNOWN_KEYS - _FOREIGN_KEYS)
+    if unknown:
+        log.warning(
+            "etcd-rdzv ignores these --rdzv-conf keys: %s (known: %s)",
+            ", ".join(unknown),
+            ", ".join(sorted(KNOWN_KEYS)),
+        )

@@ -1,0 +1,88 @@
+"""torchrun's `RendezvousHandler` for etcd-rdzv, and its `torchrun.handlers` entry point."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStoreInfo,
+)
+
+from etcd_rdzv.config import RendezvousConfig
+from etcd_rdzv.kv import KeyValue
+from etcd_rdzv.kv.etcd_v2 import EtcdV2
+from etcd_rdzv.protocol import Status
+from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
+from etcd_rdzv.store import EtcdStore
+from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "etcd-rdzv"
+
+
+class EtcdRdzvHandler(RendezvousHandler):
+    def __init__(self, rendezvous: EtcdRendezvous, kv: KeyValue) -> None:
+        self._rendezvous = rendezvous
+        self._kv = kv
+        self.last_membership: Membership | None = None
+
+    def get_backend(self) -> str:
+        return BACKEND_NAME
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        membership = self._rendezvous.next_rendezvous()
+        self.last_membership = membership
+        store_prefix = self._rendezvous.paths.store(membership.version)
+        self._kv.ensure_directory(store_prefix)
+        store = EtcdStore(self._kv, store_prefix)
+        bootstrap = RendezvousStoreInfo.build(
+            membership.rank, store, local_addr=self._rendezvous.config.local_addr
+        )
+        return RendezvousInfo(store, membership.rank, membership.world_size, bootstrap)
+
+    def is_closed(self) -> bool:
+        state = self._rendezvous.current_state()
+        return state is not None and state.status is Status.CLOSED
+
+    def set_closed(self) -> None:
+        self._rendezvous.set_closed()
+
+    def num_nodes_waiting(self) -> int:
+        state = self._rendezvous.current_state()
+        if state is not None and state.status is Status.FINAL:
+            return state.num_workers_waiting or 0
+        return 0
+
+    def get_run_id(self) -> str:
+        return self._rendezvous.config.run_id
+
+    def shutdown(self) -> bool:
+        try:
+            self.set_closed()
+        except Exception:
+            log.warning("etcd-rdzv: closing the rendezvous failed", exc_info=True)
+            return False
+        finally:
+            self._rendezvous.stop()
+        return True
+
+
+def create_handler(
+    params: RendezvousParameters, observer: Observer = NOOP_OBSERVER
+) -> EtcdRdzvHandler:
+    """Build a handler from torchrun's parameters; bad parameters fail here, clearly."""
+    config = RendezvousConfig.from_parameters(params)
+    kv = EtcdV2.from_config(config, observer)
+    rendezvous = EtcdRendezvous(kv, config, observer)
+    rendezvous.prepare()
+    return EtcdRdzvHandler(rendezvous, kv)
+
+
+def handler_creator() -> Callable[[RendezvousParameters], RendezvousHandler]:
+    """The `torchrun.handlers` entry point: torch calls it and registers what it returns."""
+    return create_handler

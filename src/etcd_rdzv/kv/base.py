@@ -1,0 +1,139 @@
+"""The key-value interface every etcd transport implements, and its errors."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class KvError(Exception):
+    """Base of the errors a transport raises; no client library's exception leaks past it."""
+
+
+class KeyNotFound(KvError):
+    def __init__(self, key: str, revision: int | None = None) -> None:
+        super().__init__(f"key not found: {key}")
+        self.key = key
+        # The store revision at which the key was seen absent: watch after it.
+        self.revision = revision
+
+
+class AlreadyExists(KvError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key already exists: {key}")
+        self.key = key
+
+
+class CompareFailed(KvError):
+    """A conditional write found the key changed (or gone) since it was read."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key changed since it was read: {key}")
+        self.key = key
+
+
+class OutcomeUnknown(KvError):
+    """A conditional write was sent but its answer was lost: it may or may not have applied.
+
+    Never retried blindly: a second compare-and-swap could repeat an effect (take a rank twice).
+    Callers re-read the state and decide from what they see.
+    """
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    # When the key was last written.
+    revision: int
+    # The store revision this read reflects; a watch after it misses nothing.
+    read_revision: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One event seen by a watch."""
+
+    key: str
+    value: str | None  # None: deleted or expired
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
+
+    def entry(self) -> Entry | None:
+        if self.value is None:
+            return None
+        return Entry(self.key, self.value, self.revision, self.revision)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The keys directly below a prefix, as of one store revision."""
+
+    entries: tuple[Entry, ...]
+    revision: int
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(entry.key for entry in self.entries)
+
+
+class KeyValue(abc.ABC):
+    """What the rendezvous needs from etcd. Keys are absolute paths like `/a/b`."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The endpoints, for error messages."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Entry:
+        """Raises KeyNotFound."""
+
+    @abc.abstractmethod
+    def create(self, key: str, value: str, ttl: float | None = None) -> Entry:
+        """Write only if absent. Raises AlreadyExists, OutcomeUnknown."""
+
+    @abc.abstractmethod
+    def put(self, key: str, value: str, ttl: float | None = None) -> Entry:
+        """Write unconditionally."""
+
+    @abc.abstractmethod
+    def compare_and_swap(
+        self, key: str, value: str, expected: Entry, ttl: float | None = None
+    ) -> Entry:
+        """Write if the key is still at `expected.revision`; `ttl=None` makes it permanent.
+
+        Raises CompareFailed (also when the key is gone), OutcomeUnknown.
+        """
+
+    @abc.abstractmethod
+    def compare_and_delete(self, key: str, expected: Entry) -> None:
+        """Delete if the key is still at `expected.revision`. Raises CompareFailed."""
+
+    @abc.abstractmethod
+    def refresh(self, key: str, ttl: float) -> None:
+        """Extend a TTL key's life without waking watchers. Raises KeyNotFound."""
+
+    @abc.abstractmethod
+    def ensure_directory(self, key: str, ttl: float | None = None) -> None:
+        """Make sure a directory exists (v2); transports without directories do nothing."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Listing:
+        """The keys directly below `prefix`. Raises KeyNotFound when there is no such prefix."""
+
+    @abc.abstractmethod
+    def watch(
+        self, key: str, after_revision: int, timeout: float, recursive: bool = False
+    ) -> Change | None:
+        """The first change to `key` (or below it) after `after_revision`.
+
+        None when `timeout` passed first, or when etcd no longer holds that history: either
+        way the caller re-reads.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections."""

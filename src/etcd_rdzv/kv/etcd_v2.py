@@ -1,0 +1,307 @@
+"""The etcd v2 API transport, over python-etcd.
+
+python-etcd is used one client per endpoint with its own reconnection and urllib3's retries
+turned off: both would re-send a write whose answer was lost, and a re-sent compare-and-swap
+can repeat its effect. Failover and retries happen here instead, where the kind of failure
+is known: a request that never reached etcd is retried anywhere; a conditional write that
+may have applied raises `OutcomeUnknown`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import etcd
+import urllib3.exceptions
+
+from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
+from etcd_rdzv.errors import EtcdRejectedError, EtcdUnavailableError
+from etcd_rdzv.kv.base import (
+    AlreadyExists,
+    Change,
+    CompareFailed,
+    Entry,
+    KeyNotFound,
+    KeyValue,
+    Listing,
+    OutcomeUnknown,
+)
+from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline
+from etcd_rdzv.telemetry import Observer
+
+T = TypeVar("T")
+
+# Errors raised before a request left this process: nothing can have applied.
+_NOT_SENT = (
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ConnectTimeoutError,
+    urllib3.exceptions.NameResolutionError,
+    ConnectionRefusedError,
+    socket.gaierror,
+)
+
+
+class V2ApiUnavailable(EtcdRejectedError):
+    """The server answers, but not the v2 API (etcd 3.6, or 3.4/3.5 without --enable-v2)."""
+
+
+class EtcdV2(KeyValue):
+    def __init__(
+        self,
+        endpoints: Sequence[EtcdEndpoint],
+        *,
+        protocol: str = "http",
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        request_timeout: float = 10.0,
+        observer: Observer,
+    ) -> None:
+        self._endpoints = tuple(endpoints)
+        self._request_timeout = request_timeout
+        self._observer = observer
+        client_cert: str | tuple[str, str] | None = (cert, key) if cert and key else cert
+        self._clients = [
+            _client(ep, protocol, client_cert, cacert, request_timeout) for ep in self._endpoints
+        ]
+        self._preferred = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: RendezvousConfig, observer: Observer) -> EtcdV2:
+        tls = config.tls
+        return cls(
+            config.endpoints,
+            protocol=config.protocol,
+            cacert=str(tls.cacert) if tls.cacert else None,
+            cert=str(tls.cert) if tls.cert else None,
+            key=str(tls.key) if tls.key else None,
+            request_timeout=config.request_timeout,
+            observer=observer,
+        )
+
+    def describe(self) -> str:
+        return ",".join(str(endpoint) for endpoint in self._endpoints)
+
+    # --- the interface -----------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry:
+        result = self._call("get", key, idempotent=True, request=lambda c: c.read(key))
+        return _entry(result)
+
+    def create(self, key: str, value: str, ttl: float | None = None) -> Entry:
+        result = self._call(
+            "create",
+            key,
+            idempotent=False,
+            request=lambda c: c.write(key, value, ttl=_ttl(ttl), prevExist=False),
+        )
+        return _entry(result)
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> Entry:
+        result = self._call(
+            "put", key, idempotent=True, request=lambda c: c.write(key, value, ttl=_ttl(ttl))
+        )
+        return _entry(result)
+
+    def compare_and_swap(
+        self, key: str, value: str, expected: Entry, ttl: float | None = None
+    ) -> Entry:
+        result = self._call(
+            "compare_and_swap",
+            key,
+            idempotent=False,
+            request=lambda c: c.write(key, value, ttl=_ttl(ttl), prevIndex=expected.revision),
+        )
+        return _entry(result)
+
+    def compare_and_delete(self, key: str, expected: Entry) -> None:
+        self._call(
+            "compare_and_delete",
+            key,
+            idempotent=False,
+            request=lambda c: c.delete(key, prevIndex=expected.revision),
+        )
+
+    def refresh(self, key: str, ttl: float) -> None:
+        self._call("refresh", key, idempotent=True, request=lambda c: c.refresh(key, _ttl(ttl)))
+
+    def ensure_directory(self, key: str, ttl: float | None = None) -> None:
+        try:
+            self._call(
+                "create",
+                key,
+                idempotent=False,
+                request=lambda c: c.write(key, None, dir=True, prevExist=False, ttl=_ttl(ttl)),
+            )
+        except (AlreadyExists, OutcomeUnknown):
+            # Either way the directory is there now (or will be, from the lost request).
+            pass
+
+    def list(self, prefix: str) -> Listing:
+        result = self._call("list", prefix, idempotent=True, request=lambda c: c.read(prefix))
+        read_revision = int(result.etcd_index)
+        nodes: list[dict[str, Any]] = getattr(result, "_children", [])
+        entries = tuple(
+            Entry(node["key"], node.get("value") or "", int(node["modifiedIndex"]), read_revision)
+            for node in nodes
+            if not node.get("dir")
+        )
+        return Listing(entries, read_revision)
+
+    def watch(
+        self, key: str, after_revision: int, timeout: float, recursive: bool = False
+    ) -> Change | None:
+        if timeout <= 0:
+            return None
+        try:
+            result = self._call(
+                "watch",
+                key,
+                idempotent=True,
+                request=lambda c: c.watch(
+                    key, index=after_revision + 1, timeout=timeout, recursive=recursive
+                ),
+            )
+        except _HistoryGone:
+            return None
+        if result is None:
+            return None
+        if result.action in ("delete", "expire", "compareAndDelete"):
+            return Change(result.key, None, result.modifiedIndex)
+        return Change(result.key, result.value or "", result.modifiedIndex)
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.http.clear()
+
+    # --- execution ---------------------------------------------------------------------------
+
+    def _call(
+        self, operation: str, key: str, *, idempotent: bool, request: Callable[[etcd.Client], T]
+    ) -> T:
+        """Run `request` against the preferred endpoint, failing over and retrying transients."""
+        deadline = Deadline(self._request_timeout)
+        outcome = "unavailable"
+        for attempt in range(TRANSIENT_BACKOFF.max_attempts):
+            index = self._preferred
+            started = time.monotonic()
+            try:
+                result = request(self._clients[index])
+                outcome = "ok"
+                return result
+            except etcd.EtcdWatchTimedOut:
+                outcome = "timeout"
+                return None  # type: ignore[return-value]
+            except etcd.EtcdException as error:
+                where = f"etcd at {self._endpoints[index]}: {operation} {key}"
+                outcome, fatal = _classify(error, key, where, idempotent)
+                if fatal is not None:
+                    if isinstance(fatal, OutcomeUnknown):
+                        self._fail_over(index)
+                    raise fatal from None
+            finally:
+                self._observer.etcd_request(operation, outcome, time.monotonic() - started)
+            self._fail_over(index)
+            if deadline.expired():
+                break
+            self._observer.retry(None, outcome, attempt + 1)
+            TRANSIENT_BACKOFF.sleep(attempt, deadline)
+        raise EtcdUnavailableError(
+            f"etcd at {self.describe()} did not answer {operation} {key} within "
+            f"{self._request_timeout:g}s (last: {outcome}). "
+            "Check that etcd is running and reachable from this host."
+        )
+
+    def _fail_over(self, failed_index: int) -> None:
+        with self._lock:
+            if self._preferred == failed_index:
+                self._preferred = (failed_index + 1) % len(self._clients)
+
+
+class _HistoryGone(Exception):
+    """etcd dropped the events a watch asked for; the caller re-reads."""
+
+
+def _classify(
+    error: etcd.EtcdException, key: str, where: str, idempotent: bool
+) -> tuple[str, Exception | None]:
+    """The outcome to report, and the error to raise (None: a transient failure to retry)."""
+    if isinstance(error, etcd.EtcdKeyNotFound):
+        payload = getattr(error, "payload", None)
+        if not isinstance(payload, dict) or "errorCode" not in payload:
+            # A 404 without etcd's error body: the URL itself does not exist.
+            return "no_v2_api", V2ApiUnavailable(
+                f"{where}: this etcd does not serve the v2 API ({error}). "
+                "Start etcd 3.4/3.5 with --enable-v2."
+            )
+        return "not_found", KeyNotFound(key, _index(error))
+    if isinstance(error, etcd.EtcdAlreadyExist):
+        return "already_exists", AlreadyExists(key)
+    if isinstance(error, etcd.EtcdCompareFailed | etcd.EtcdNotFile):
+        return "compare_failed", CompareFailed(key)
+    if isinstance(error, etcd.EtcdEventIndexCleared | etcd.EtcdWatcherCleared):
+        return "history_gone", _HistoryGone()
+    if isinstance(error, etcd.EtcdInsufficientPermissions):
+        return "permission_denied", EtcdRejectedError(
+            f"{where}: refused ({error}). Check the etcd user and its role on this prefix."
+        )
+    if isinstance(error, etcd.EtcdConnectionFailed):
+        cause = _root_cause(error)
+        if isinstance(cause, _NOT_SENT) or idempotent:
+            return "unavailable", None
+        return "outcome_unknown", OutcomeUnknown(f"{where}: answer lost ({cause!r})")
+    if isinstance(error, etcd.EtcdLeaderElectionInProgress):
+        return "leader_election", None
+    payload = getattr(error, "payload", None) or {}
+    if payload.get("errorCode") == 300:
+        return "raft_error", None  # raft internal errors are not applied
+    return "error", EtcdRejectedError(f"{where}: {error}")
+
+
+def _client(
+    endpoint: EtcdEndpoint,
+    protocol: str,
+    cert: str | tuple[str, str] | None,
+    cacert: str | None,
+    request_timeout: float,
+) -> etcd.Client:
+    client = etcd.Client(
+        host=endpoint.host,
+        port=endpoint.port,
+        protocol=protocol,
+        cert=cert,
+        ca_cert=cacert,
+        read_timeout=request_timeout,
+        allow_reconnect=False,
+    )
+    # Every retry is decided in EtcdV2._call; urllib3 would re-send PUTs on its own.
+    client.http.connection_pool_kw["retries"] = False
+    return client
+
+
+def _entry(result: Any) -> Entry:
+    return Entry(result.key, result.value or "", int(result.modifiedIndex), int(result.etcd_index))
+
+
+def _ttl(ttl: float | None) -> int | None:
+    # v2 TTLs are whole seconds; never round a TTL down to zero (that means "no TTL").
+    return None if ttl is None else max(1, round(ttl))
+
+
+def _index(error: Exception) -> int | None:
+    payload = getattr(error, "payload", None)
+    if isinstance(payload, dict) and isinstance(payload.get("index"), int):
+        return int(payload["index"])
+    return None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    cause: BaseException = getattr(error, "cause", None) or error
+    if isinstance(cause, urllib3.exceptions.MaxRetryError) and cause.reason is not None:
+        cause = cause.reason
+    return cause

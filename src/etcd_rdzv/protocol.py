@@ -1,0 +1,222 @@
+"""The rendezvous state document and the pure rules of its transitions. No I/O.
+
+The document is the JSON value of `<run>/rdzv/active_version`, exactly as torch's `etcd`
+backend writes it, so that both backends can take part in one rendezvous:
+
+    {"status": "setup"}
+    {"status": "joinable", "version": "7", "participants": [0, 1]}
+    {"status": "frozen", "version": "7", "participants": [0, 1, 2], "keep_alives": [KEY, ...]}
+    {"status": "final", ..., "keep_alives": [...], "num_workers_waiting": 0}
+    {"status": "closed", ...}
+
+`version` is a decimal string and `participants` are the ranks handed out in join order.
+Each rule takes a state and returns the next one (with what the caller must do with the
+key's TTL); the caller performs it with one compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from etcd_rdzv.errors import CorruptStateError
+
+
+class Status(str, enum.Enum):
+    SETUP = "setup"
+    JOINABLE = "joinable"
+    FROZEN = "frozen"
+    FINAL = "final"
+    CLOSED = "closed"
+
+
+class Lifetime(enum.Enum):
+    """What a write does to the TTL of the state key."""
+
+    SETUP = "setup"
+    JOINABLE = "joinable"  # ephemeral once min_nodes joined: dies with the last-call holder
+    FROZEN = "frozen"  # ephemeral until everyone confirmed
+    PERMANENT = "permanent"
+
+
+_KNOWN_FIELDS = frozenset(
+    {"status", "version", "participants", "keep_alives", "num_workers_waiting"}
+)
+
+
+@dataclass(frozen=True)
+class RendezvousState:
+    status: Status
+    version: int | None = None
+    participants: tuple[int, ...] = ()
+    keep_alives: tuple[str, ...] | None = None
+    num_workers_waiting: int | None = None
+    # Fields another writer added: carried through every rewrite, never dropped.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.participants)
+
+    def is_version(self, status: Status, version: int) -> bool:
+        return self.status is status and self.version == version
+
+    def encode(self) -> str:
+        document: dict[str, Any] = {"status": self.status.value}
+        if self.version is not None:
+            document["version"] = str(self.version)
+        if self.status is not Status.SETUP:
+            document["participants"] = list(self.participants)
+        if self.keep_alives is not None:
+            document["keep_alives"] = list(self.keep_alives)
+        if self.num_workers_waiting is not None:
+            document["num_workers_waiting"] = self.num_workers_waiting
+        document.update({k: v for k, v in self.extra.items() if k not in document})
+        return json.dumps(document, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | None, key: str) -> RendezvousState:
+        """Parse the document at `key`; anything malformed raises `CorruptStateError`."""
+        try:
+            document = json.loads(raw or "")
+        except ValueError:
+            raise CorruptStateError(key, "not JSON", raw) from None
+        if not isinstance(document, dict):
+            raise CorruptStateError(key, "not a JSON object", raw)
+        try:
+            status = Status(document.get("status"))
+        except ValueError:
+            raise CorruptStateError(
+                key, f"unknown status {document.get('status')!r}", raw
+            ) from None
+        state = cls(
+            status=status,
+            version=_optional_int(document, "version", key, raw),
+            participants=tuple(_int_list(document.get("participants", []), key, raw)),
+            keep_alives=_optional_str_list(document, "keep_alives", key, raw),
+            num_workers_waiting=_optional_int(document, "num_workers_waiting", key, raw),
+            extra={k: v for k, v in document.items() if k not in _KNOWN_FIELDS},
+        )
+        if status not in (Status.SETUP, Status.CLOSED) and state.version is None:
+            raise CorruptStateError(key, f"status {status.value!r} without a version", raw)
+        if sorted(state.participants) != list(range(state.world_size)):
+            raise CorruptStateError(key, "participants are not the ranks 0..n-1", raw)
+        return state
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+def setup() -> RendezvousState:
+    """The placeholder a node writes while it prepares a new version."""
+    return RendezvousState(Status.SETUP)
+
+
+def open_version(version: int) -> RendezvousState:
+    return RendezvousState(Status.JOINABLE, version=version)
+
+
+@dataclass(frozen=True)
+class Joined:
+    state: RendezvousState
+    rank: int
+    lifetime: Lifetime
+    # The node whose join reached min_nodes waits out the last call, unless that join froze it.
+    holds_last_call: bool
+
+
+def join(state: RendezvousState, min_nodes: int, max_nodes: int) -> Joined:
+    """Take the next rank of a joinable state; freeze it when it becomes full."""
+    if state.status is not Status.JOINABLE:
+        raise ValueError(f"cannot join a {state.status.value} rendezvous")
+    if state.world_size >= max_nodes:
+        raise ValueError("a joinable rendezvous is never full")
+    rank = state.world_size
+    participants = (*state.participants, rank)
+    if len(participants) == max_nodes:
+        frozen = replace(state, status=Status.FROZEN, participants=participants, keep_alives=())
+        return Joined(frozen, rank, Lifetime.FROZEN, holds_last_call=False)
+    # From min_nodes on the state is ephemeral: if the last-call holder dies, it expires.
+    lifetime = Lifetime.JOINABLE if len(participants) >= min_nodes else Lifetime.PERMANENT
+    joined = replace(state, participants=participants)
+    return Joined(joined, rank, lifetime, holds_last_call=rank == min_nodes - 1)
+
+
+def freeze(state: RendezvousState) -> RendezvousState:
+    """Close the join window at the end of the last call."""
+    return replace(state, status=Status.FROZEN, keep_alives=())
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    state: RendezvousState
+    lifetime: Lifetime
+
+    @property
+    def completed(self) -> bool:
+        return self.state.status is Status.FINAL
+
+
+def confirm(state: RendezvousState, keep_alive_key: str) -> Confirmed:
+    """Record one participant's keep-alive key; the last confirmation makes the version final."""
+    keep_alives = (*(state.keep_alives or ()), keep_alive_key)
+    if len(keep_alives) == state.world_size:
+        final = replace(state, status=Status.FINAL, keep_alives=keep_alives, num_workers_waiting=0)
+        return Confirmed(final, Lifetime.PERMANENT)
+    return Confirmed(replace(state, keep_alives=keep_alives), Lifetime.FROZEN)
+
+
+def announce_waiting(state: RendezvousState) -> RendezvousState:
+    return replace(state, num_workers_waiting=(state.num_workers_waiting or 0) + 1)
+
+
+def close(state: RendezvousState | None) -> RendezvousState:
+    if state is None:
+        return RendezvousState(Status.CLOSED)
+    return replace(state, status=Status.CLOSED)
+
+
+def missing_keep_alives(state: RendezvousState, live_keys: Iterable[str]) -> list[str]:
+    """Keep-alive keys of a final version whose owners stopped refreshing them."""
+    live = set(live_keys)
+    return [key for key in state.keep_alives or () if key not in live]
+
+
+# --- decoding helpers ------------------------------------------------------------------------
+
+
+def _optional_int(document: Mapping[str, Any], name: str, key: str, raw: str | None) -> int | None:
+    value = document.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise CorruptStateError(key, f"{name} is not an integer", raw)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise CorruptStateError(key, f"{name} is not an integer", raw) from None
+    if number < 0:
+        raise CorruptStateError(key, f"{name} is negative", raw)
+    return number
+
+
+def _int_list(value: object, key: str, raw: str | None) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    ):
+        raise CorruptStateError(key, "participants is not a list of ranks", raw)
+    return value
+
+
+def _optional_str_list(
+    document: Mapping[str, Any], name: str, key: str, raw: str | None
+) -> tuple[str, ...] | None:
+    value = document.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise CorruptStateError(key, f"{name} is not a list of keys", raw)
+    return tuple(value)

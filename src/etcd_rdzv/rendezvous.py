@@ -1,0 +1,569 @@
+"""The rendezvous algorithm: torch's etcd protocol, one method per phase.
+
+    next_rendezvous
+      setup            create the next version, or observe the current one
+      join             take a rank in a joinable version (compare-and-swap)
+      last call        the node that reached min_nodes holds the window open, then freezes it
+      frozen wait      wait until the participant set is frozen
+      confirm          publish a keep-alive key and add it to the state
+      final wait       wait until every participant confirmed: the version is final
+    wait next version  a final version exists: announce ourselves waiting, and wait until it
+                       ends (its members re-rendezvous, or one of them dies)
+
+Each wait is an etcd watch on the state key, never a sleep. A phase that finds the state
+moved on raises `_StartOver`; `next_rendezvous` starts again from setup until its deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from etcd_rdzv import protocol
+from etcd_rdzv.config import RendezvousConfig
+from etcd_rdzv.errors import (
+    CorruptStateError,
+    EtcdUnavailableError,
+    RendezvousClosedError,
+    RendezvousTimeoutError,
+)
+from etcd_rdzv.kv import AlreadyExists, CompareFailed, Entry, KeyNotFound, KeyValue, OutcomeUnknown
+from etcd_rdzv.leases import KeepAlive
+from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
+from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline
+from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Phase, PhaseScope
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Membership:
+    version: int
+    rank: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """torch's key layout of one run."""
+
+    run: str
+
+    @property
+    def rdzv(self) -> str:
+        return f"{self.run}/rdzv"
+
+    @property
+    def active_version(self) -> str:
+        return f"{self.run}/rdzv/active_version"
+
+    @property
+    def version_counter(self) -> str:
+        return f"{self.run}/rdzv/version_counter"
+
+    def version_dir(self, version: int) -> str:
+        return f"{self.run}/rdzv/v_{version}"
+
+    def keep_alive(self, version: int, rank: int) -> str:
+        return f"{self.run}/rdzv/v_{version}/rank_{rank}"
+
+    def store(self, version: int) -> str:
+        return f"{self.run}/rdzv/v_{version}/kv"
+
+
+class _StartOver(Exception):
+    """The state moved on under this phase: start again from setup."""
+
+    def __init__(self, phase: Phase, reason: str, back_off: bool = False) -> None:
+        super().__init__(reason)
+        self.phase = phase
+        self.reason = reason
+        self.back_off = back_off
+
+
+Snapshot = tuple[Entry, RendezvousState]
+
+
+class EtcdRendezvous:
+    def __init__(
+        self, kv: KeyValue, config: RendezvousConfig, observer: Observer = NOOP_OBSERVER
+    ) -> None:
+        self.config = config
+        self.paths = RunPaths(config.run_path)
+        self._kv = kv
+        self._observer = observer
+        self._run_keep_alive: KeepAlive | None = None
+        self._rank_keep_alive: KeepAlive | None = None
+        self._last_seen: tuple[int | None, str] | None = None
+        self._lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the run's directories and version counter, and keep the run alive."""
+        if self.config.prefix != "/":
+            self._kv.ensure_directory(self.config.prefix)
+        self._kv.ensure_directory(self.paths.run, ttl=self.config.ttls.run)
+        if self._run_keep_alive is None:
+            self._run_keep_alive = KeepAlive(
+                self._kv, self.paths.run, self.config.ttls.run, "run", self._observer
+            ).start()
+        self._kv.ensure_directory(self.paths.rdzv)
+        try:
+            self._kv.create(self.paths.version_counter, "0")
+        except (AlreadyExists, OutcomeUnknown):
+            pass
+
+    def stop(self) -> None:
+        """Stop every refresher; the run's keys then expire on their own."""
+        self._release_rank()
+        if self._run_keep_alive is not None:
+            self._run_keep_alive.stop()
+            self._run_keep_alive = None
+
+    # --- the barrier -------------------------------------------------------------------------
+
+    def next_rendezvous(self) -> Membership:
+        """Block until this node is a confirmed participant of a final version."""
+        deadline = Deadline(self.config.timeout)
+        with self._observer.phase(Phase.RENDEZVOUS) as scope:
+            attempt = 0
+            last_problem = "no state seen yet"
+            while not deadline.expired():
+                self._release_rank()
+                try:
+                    membership = self._attempt(deadline)
+                except _StartOver as start_over:
+                    attempt += 1
+                    last_problem = start_over.reason
+                    self._observer.retry(start_over.phase, start_over.reason, attempt)
+                    if start_over.back_off:
+                        CAS_BACKOFF.sleep(attempt, deadline)
+                    continue
+                except (EtcdUnavailableError, OutcomeUnknown) as error:
+                    attempt += 1
+                    last_problem = f"etcd error: {error}"
+                    self._observer.retry(None, "etcd_unavailable", attempt)
+                    log.warning("rendezvous attempt failed, retrying: %s", error)
+                    TRANSIENT_BACKOFF.sleep(min(attempt, 8), deadline)
+                    continue
+                scope.annotate(
+                    version=membership.version,
+                    rank=membership.rank,
+                    world_size=membership.world_size,
+                )
+                return membership
+            raise RendezvousTimeoutError(
+                f"Rendezvous of run {self.config.run_id!r} did not complete within "
+                f"{self.config.timeout:g}s (min {self.config.min_nodes}, max "
+                f"{self.config.max_nodes} nodes); last: {last_problem}; state: "
+                f"{self._describe_last_seen()}."
+            )
+
+    def _attempt(self, deadline: Deadline) -> Membership:
+        with self._observer.phase(Phase.SETUP) as scope:
+            entry, state = self._create_or_observe()
+            scope.annotate(version=state.version, state=state.status.value)
+        if state.status is Status.CLOSED:
+            raise RendezvousClosedError(f"Rendezvous of run {self.config.run_id!r} is closed.")
+        if state.status is Status.JOINABLE:
+            assert state.version is not None
+            return self._take_part(state.version, (entry, state), deadline)
+        if state.status is Status.FINAL:
+            self._wait_next_version((entry, state), deadline)
+            raise _StartOver(Phase.WAIT_NEXT_VERSION, "the final version ended")
+        # setup or frozen: somebody else's transition is under way.
+        self._await(
+            (entry, state),
+            Phase.SETUP,
+            done=lambda s: False,
+            still=lambda s: s.status is state.status and s.version == state.version,
+            deadline=deadline,
+        )
+        raise _StartOver(Phase.SETUP, f"state moved on from {state.status.value}")
+
+    def _take_part(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Membership:
+        with self._observer.phase(Phase.JOIN, version=version) as scope:
+            joined, snapshot = self._join(version, snapshot, deadline, scope)
+            scope.annotate(rank=joined.rank, participants=joined.state.world_size)
+        if joined.holds_last_call:
+            with self._observer.phase(Phase.LAST_CALL, version=version, rank=joined.rank):
+                snapshot = self._hold_last_call(version, snapshot, deadline)
+        with self._observer.phase(Phase.FROZEN_WAIT, version=version, rank=joined.rank) as scope:
+            snapshot = self._await(
+                snapshot,
+                Phase.FROZEN_WAIT,
+                done=lambda s: s.is_version(Status.FROZEN, version),
+                still=lambda s: s.is_version(Status.JOINABLE, version),
+                deadline=deadline,
+            )
+            scope.annotate(participants=snapshot[1].world_size)
+        with self._observer.phase(Phase.CONFIRM, version=version, rank=joined.rank):
+            snapshot = self._confirm(version, joined.rank, deadline)
+        with self._observer.phase(Phase.FINAL_WAIT, version=version, rank=joined.rank):
+            _, state = self._await(
+                snapshot,
+                Phase.FINAL_WAIT,
+                done=lambda s: s.is_version(Status.FINAL, version),
+                still=lambda s: s.is_version(Status.FROZEN, version),
+                deadline=deadline,
+            )
+        return Membership(version, joined.rank, state.world_size)
+
+    # --- phases ------------------------------------------------------------------------------
+
+    def _create_or_observe(self) -> Snapshot:
+        """Setup: open the next version if there is none, else report the current state."""
+        try:
+            placeholder = self._kv.create(
+                self.paths.active_version, protocol.setup().encode(), ttl=self.config.ttls.setup
+            )
+        except AlreadyExists:
+            return self._read_state(Phase.SETUP)
+        self._see(protocol.setup())
+        version = self._increment_version_counter()
+        self._kv.ensure_directory(self.paths.version_dir(version))
+        opened = protocol.open_version(version)
+        try:
+            entry = self._kv.compare_and_swap(
+                self.paths.active_version, opened.encode(), placeholder, ttl=None
+            )
+        except CompareFailed:
+            # The placeholder expired or the run was closed meanwhile.
+            raise _StartOver(Phase.SETUP, "setup placeholder replaced") from None
+        self._see(opened)
+        log.info("opened rendezvous version %d of run %s", version, self.config.run_id)
+        return entry, opened
+
+    def _join(
+        self, version: int, snapshot: Snapshot, deadline: Deadline, scope: PhaseScope
+    ) -> tuple[protocol.Joined, Snapshot]:
+        entry, state = snapshot
+        for attempt in range(CAS_BACKOFF.max_attempts):
+            if not state.is_version(Status.JOINABLE, version):
+                raise _StartOver(Phase.JOIN, f"version {version} stopped being joinable")
+            joined = protocol.join(state, self.config.min_nodes, self.config.max_nodes)
+            try:
+                entry = self._kv.compare_and_swap(
+                    self.paths.active_version,
+                    joined.state.encode(),
+                    entry,
+                    ttl=self._ttl(joined.lifetime),
+                )
+            except CompareFailed:
+                scope.event("compare_failed", attempt=attempt + 1)
+                self._observer.retry(Phase.JOIN, "compare_failed", attempt + 1)
+                CAS_BACKOFF.sleep(attempt, deadline)
+                entry, state = self._read_state(Phase.JOIN)
+                continue
+            self._see(joined.state)
+            return joined, (entry, joined.state)
+        raise _StartOver(Phase.JOIN, "too many lost compare-and-swaps")
+
+    def _hold_last_call(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Snapshot:
+        """Keep the version joinable for last_call_timeout more seconds, then freeze it.
+
+        The state's TTL is kept fresh meanwhile: if this node dies, the state expires and
+        everybody starts over instead of waiting for a freeze that never comes.
+        """
+        window = Deadline(self.config.last_call_timeout)
+        ttl = self.config.ttls.joinable
+        refreshed = Deadline(ttl / 3)
+        entry, state = snapshot
+        for attempt in range(CAS_BACKOFF.max_attempts):
+            if state.is_version(Status.FROZEN, version):
+                return entry, state
+            if not state.is_version(Status.JOINABLE, version):
+                raise _StartOver(Phase.LAST_CALL, f"version {version} changed during last call")
+            if deadline.expired():
+                raise _StartOver(Phase.LAST_CALL, "deadline passed during last call")
+            try:
+                if window.expired():
+                    frozen = protocol.freeze(state)
+                    entry = self._kv.compare_and_swap(
+                        self.paths.active_version,
+                        frozen.encode(),
+                        entry,
+                        ttl=self.config.ttls.frozen,
+                    )
+                    self._see(frozen)
+                    return entry, frozen
+                if refreshed.expired():
+                    entry = self._kv.compare_and_swap(
+                        self.paths.active_version, entry.value, entry, ttl=ttl
+                    )
+                    refreshed = Deadline(ttl / 3)
+            except CompareFailed:
+                self._observer.retry(Phase.LAST_CALL, "compare_failed", attempt + 1)
+                entry, state = self._read_state(Phase.LAST_CALL)
+                continue
+            wait = deadline.bound(min(window.remaining(), refreshed.remaining()))
+            entry, state = self._next_state((entry, state), Phase.LAST_CALL, wait)
+        raise _StartOver(Phase.LAST_CALL, "too many lost compare-and-swaps")
+
+    def _confirm(self, version: int, rank: int, deadline: Deadline) -> Snapshot:
+        key = self.paths.keep_alive(version, rank)
+        self._kv.put(key, _node_identity(self.config.local_addr), ttl=self.config.ttls.keep_alive)
+        self._hold_rank(key)
+        entry, state = self._read_state(Phase.CONFIRM)
+        for attempt in range(CAS_BACKOFF.max_attempts):
+            if key in (state.keep_alives or ()) and state.version == version:
+                # An earlier compare-and-swap of ours applied though its answer was lost.
+                return entry, state
+            if not state.is_version(Status.FROZEN, version):
+                raise _StartOver(Phase.CONFIRM, f"version {version} stopped being frozen")
+            confirmed = protocol.confirm(state, key)
+            try:
+                entry = self._kv.compare_and_swap(
+                    self.paths.active_version,
+                    confirmed.state.encode(),
+                    entry,
+                    ttl=self._ttl(confirmed.lifetime),
+                )
+            except (CompareFailed, OutcomeUnknown) as error:
+                self._observer.retry(Phase.CONFIRM, _reason(error), attempt + 1)
+                CAS_BACKOFF.sleep(attempt, deadline)
+                entry, state = self._read_state(Phase.CONFIRM)
+                continue
+            self._see(confirmed.state)
+            return entry, confirmed.state
+        raise _StartOver(Phase.CONFIRM, "too many lost compare-and-swaps")
+
+    def _wait_next_version(self, snapshot: Snapshot, deadline: Deadline) -> None:
+        """A final version exists: count ourselves waiting, then wait for it to end.
+
+        It ends when its members start a new rendezvous, or when one of them stops renewing
+        its keep-alive key: then this node deletes the version so that a new one can open.
+        """
+        _, final = snapshot
+        version = final.version
+        assert version is not None
+        with self._observer.phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
+            entry, state = self._announce_waiting(version, snapshot, deadline)
+            scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
+            while state.is_version(Status.FINAL, version):
+                try:
+                    listing = self._kv.list(self.paths.version_dir(version))
+                    live, seen_at = listing.keys, listing.revision
+                except KeyNotFound as gone:
+                    live, seen_at = frozenset(), gone.revision or entry.read_revision
+                missing = protocol.missing_keep_alives(state, live)
+                if missing:
+                    scope.event("keep_alive_missing", keys=",".join(missing))
+                    log.info("version %d lost %s; tearing it down", version, ", ".join(missing))
+                    try:
+                        self._kv.compare_and_delete(self.paths.active_version, entry)
+                        self._observer.transition(version, Status.FINAL.value, "deleted", 0)
+                    except (CompareFailed, KeyNotFound, OutcomeUnknown):
+                        pass
+                    return
+                if deadline.expired():
+                    raise RendezvousTimeoutError(
+                        f"Rendezvous of run {self.config.run_id!r}: waited {self.config.timeout:g}s"
+                        f" for final version {version} to end; its members are alive and did "
+                        "not start a new rendezvous."
+                    )
+                change = self._kv.watch(
+                    self.paths.rdzv,
+                    after_revision=max(entry.read_revision, seen_at),
+                    timeout=deadline.remaining(),
+                    recursive=True,
+                )
+                if change is not None and change.key == self.paths.active_version:
+                    if change.deleted:
+                        return
+                    entry = change.entry() or entry
+                    state = self._decode(entry)
+                elif change is None or change.key.startswith(self.paths.version_dir(version)):
+                    try:
+                        entry, state = self._read_state(Phase.WAIT_NEXT_VERSION)
+                    except _StartOver:
+                        return
+                else:
+                    # Another change under /rdzv (e.g. a store key): state and members unchanged.
+                    entry = Entry(entry.key, entry.value, entry.revision, change.revision)
+
+    def _announce_waiting(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Snapshot:
+        entry, state = snapshot
+        for attempt in range(CAS_BACKOFF.max_attempts):
+            if not state.is_version(Status.FINAL, version):
+                return entry, state
+            waiting = protocol.announce_waiting(state)
+            try:
+                entry = self._kv.compare_and_swap(
+                    self.paths.active_version, waiting.encode(), entry
+                )
+                return entry, waiting
+            except CompareFailed:
+                self._observer.retry(Phase.WAIT_NEXT_VERSION, "compare_failed", attempt + 1)
+                CAS_BACKOFF.sleep(attempt, deadline)
+                entry, state = self._read_state(Phase.WAIT_NEXT_VERSION)
+        raise _StartOver(Phase.WAIT_NEXT_VERSION, "too many lost compare-and-swaps")
+
+    # --- closing and queries -----------------------------------------------------------------
+
+    def set_closed(self) -> None:
+        """Mark the run closed: no node will join any further version."""
+        for attempt in range(CAS_BACKOFF.max_attempts):
+            try:
+                entry = self._kv.get(self.paths.active_version)
+            except KeyNotFound:
+                try:
+                    self._kv.create(self.paths.active_version, protocol.close(None).encode())
+                    return
+                except AlreadyExists:
+                    continue
+            state = self._decode(entry)
+            if state.status is Status.CLOSED:
+                return
+            try:
+                self._kv.compare_and_swap(
+                    self.paths.active_version, protocol.close(state).encode(), entry
+                )
+                self._observer.transition(
+                    state.version, state.status.value, "closed", state.world_size
+                )
+                log.info("closed rendezvous of run %s", self.config.run_id)
+                return
+            except CompareFailed:
+                CAS_BACKOFF.sleep(attempt)
+        raise EtcdUnavailableError("could not close the rendezvous: state kept changing")
+
+    def current_state(self) -> RendezvousState | None:
+        try:
+            return self._decode(self._kv.get(self.paths.active_version))
+        except KeyNotFound:
+            return None
+
+    # --- waiting on the state key ------------------------------------------------------------
+
+    def _await(
+        self,
+        snapshot: Snapshot,
+        phase: Phase,
+        *,
+        done: Callable[[RendezvousState], bool],
+        still: Callable[[RendezvousState], bool],
+        deadline: Deadline,
+    ) -> Snapshot:
+        """Watch the state until `done`; start over as soon as it is neither done nor `still`."""
+        entry, state = snapshot
+        while not done(state):
+            if not still(state):
+                raise _StartOver(phase, f"state became {_describe(state)}")
+            if deadline.expired():
+                raise _StartOver(phase, f"deadline passed in {phase.value} at {_describe(state)}")
+            entry, state = self._next_state((entry, state), phase, deadline.remaining())
+        return entry, state
+
+    def _next_state(self, snapshot: Snapshot, phase: Phase, timeout: float) -> Snapshot:
+        """The state after the next change, or the current one when `timeout` passes first."""
+        entry, _ = snapshot
+        change = self._kv.watch(self.paths.active_version, entry.read_revision, timeout)
+        if change is None:
+            return self._read_state(phase) if timeout > 0 else snapshot
+        new_entry = change.entry()
+        if new_entry is None:
+            raise _StartOver(phase, "state expired or was deleted")
+        return new_entry, self._decode(new_entry)
+
+    def _read_state(self, phase: Phase) -> Snapshot:
+        try:
+            entry = self._kv.get(self.paths.active_version)
+        except KeyNotFound:
+            raise _StartOver(phase, "no active version") from None
+        return entry, self._decode(entry)
+
+    def _decode(self, entry: Entry) -> RendezvousState:
+        state = RendezvousState.decode(entry.value, entry.key)
+        self._see(state)
+        return state
+
+    def _see(self, state: RendezvousState) -> None:
+        now = (state.version, state.status.value)
+        before = self._last_seen
+        if before != now:
+            self._last_seen = now
+            self._observer.transition(
+                state.version, before[1] if before else None, now[1], state.world_size
+            )
+
+    def _describe_last_seen(self) -> str:
+        if self._last_seen is None:
+            return "none seen"
+        version, status = self._last_seen
+        return f"version {version} {status}" if version is not None else status
+
+    # --- keys and TTLs -----------------------------------------------------------------------
+
+    def _increment_version_counter(self) -> int:
+        for _ in range(CAS_BACKOFF.max_attempts):
+            try:
+                counter = self._kv.get(self.paths.version_counter)
+            except KeyNotFound:
+                # The run's directory expired (a run idle for longer than its TTL): rebuild it.
+                self.prepare()
+                continue
+            try:
+                version = int(counter.value) + 1
+            except ValueError:
+                raise CorruptStateError(counter.key, "not an integer", counter.value) from None
+            try:
+                self._kv.compare_and_swap(counter.key, str(version), counter)
+                return version
+            except CompareFailed:
+                continue
+        raise _StartOver(Phase.SETUP, "version counter kept changing")
+
+    def _ttl(self, lifetime: Lifetime) -> float | None:
+        ttls = self.config.ttls
+        return {
+            Lifetime.SETUP: ttls.setup,
+            Lifetime.JOINABLE: ttls.joinable,
+            Lifetime.FROZEN: ttls.frozen,
+            Lifetime.PERMANENT: None,
+        }[lifetime]
+
+    def _hold_rank(self, key: str) -> None:
+        with self._lock:
+            self._rank_keep_alive = KeepAlive(
+                self._kv, key, self.config.ttls.keep_alive, "rank", self._observer
+            ).start()
+
+    def _release_rank(self) -> None:
+        """Leave the version this node was part of.
+
+        Deleting the keep-alive key, rather than letting it expire, lets the waiting nodes
+        start the next version at once instead of a TTL later.
+        """
+        with self._lock:
+            keep_alive, self._rank_keep_alive = self._rank_keep_alive, None
+        if keep_alive is None:
+            return
+        keep_alive.stop()
+        try:
+            self._kv.compare_and_delete(keep_alive.key, self._kv.get(keep_alive.key))
+        except (KeyNotFound, CompareFailed, OutcomeUnknown, EtcdUnavailableError):
+            pass  # it expires within its TTL anyway
+
+
+def _node_identity(local_addr: str | None) -> str:
+    return json.dumps(
+        {"host": socket.gethostname(), "addr": local_addr, "pid": os.getpid()},
+        separators=(",", ":"),
+    )
+
+
+def _describe(state: RendezvousState) -> str:
+    if state.version is None:
+        return state.status.value
+    return f"version {state.version} {state.status.value} with {state.world_size} participants"
+
+
+def _reason(error: Exception) -> str:
+    return "compare_failed" if isinstance(error, CompareFailed) else "outcome_unknown"

@@ -1,0 +1,58 @@
+"""The one retry policy: bounded attempts and deadline, exponential backoff with full jitter."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class Deadline:
+    """A point in monotonic time that operations must not outlive."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self.at = clock() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - self._clock())
+
+    def expired(self) -> bool:
+        return self._clock() >= self.at
+
+    def bound(self, seconds: float) -> float:
+        """`seconds`, cut so that a wait ends no later than the deadline."""
+        return min(seconds, self.remaining())
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between attempts: the n-th is uniform in [0, min(maximum, initial * 2**n)].
+
+    Full jitter spreads nodes that lost the same compare-and-swap, so they do not collide again.
+    """
+
+    initial: float = 0.002
+    maximum: float = 0.25
+    max_attempts: int = 1000
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.maximum, self.initial * 2 ** min(attempt, 30))
+        return (rng or random).uniform(0.0, ceiling)
+
+    def sleep(self, attempt: int, deadline: Deadline | None = None) -> float:
+        """Sleep before retry number `attempt` (0-based), never past `deadline`."""
+        delay = self.delay(attempt)
+        if deadline is not None:
+            delay = deadline.bound(delay)
+        time.sleep(delay)
+        return delay
+
+
+CAS_BACKOFF = Backoff(initial=0.002, maximum=0.1)
+"""After a lost compare-and-swap on the rendezvous state: the winner's write is already there."""
+
+TRANSIENT_BACKOFF = Backoff(initial=0.05, maximum=1.0, max_attempts=20)
+"""After an etcd request failed for a passing reason (leader election, a dropped connection)."""
