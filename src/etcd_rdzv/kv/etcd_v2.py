@@ -111,21 +111,27 @@ class EtcdV2(KeyValue):
     def compare_and_swap(
         self, key: str, value: str, expected: Entry, ttl: float | None = None
     ) -> Entry:
-        result = self._call(
-            "compare_and_swap",
-            key,
-            idempotent=False,
-            request=lambda c: c.write(key, value, ttl=_ttl(ttl), prevIndex=expected.revision),
-        )
+        try:
+            result = self._call(
+                "compare_and_swap",
+                key,
+                idempotent=False,
+                request=lambda c: c.write(key, value, ttl=_ttl(ttl), prevIndex=expected.revision),
+            )
+        except KeyNotFound:
+            raise CompareFailed(key) from None
         return _entry(result)
 
     def compare_and_delete(self, key: str, expected: Entry) -> None:
-        self._call(
-            "compare_and_delete",
-            key,
-            idempotent=False,
-            request=lambda c: c.delete(key, prevIndex=expected.revision),
-        )
+        try:
+            self._call(
+                "compare_and_delete",
+                key,
+                idempotent=False,
+                request=lambda c: c.delete(key, prevIndex=expected.revision),
+            )
+        except KeyNotFound:
+            raise CompareFailed(key) from None
 
     def refresh(self, key: str, ttl: float) -> None:
         self._call("refresh", key, idempotent=True, request=lambda c: c.refresh(key, _ttl(ttl)))
@@ -231,14 +237,14 @@ def _classify(
     error: etcd.EtcdException, key: str, where: str, idempotent: bool
 ) -> tuple[str, Exception | None]:
     """The outcome to report, and the error to raise (None: a transient failure to retry)."""
+    payload = getattr(error, "payload", None) or {}
+    if "404" in str(payload.get("cause", "")) and "errorCode" not in payload:
+        # A plain 404 page instead of etcd's JSON error: the /v2/keys URL itself is missing.
+        return "no_v2_api", V2ApiUnavailable(
+            f"{where}: this etcd does not serve the v2 API (HTTP 404). "
+            "Start etcd 3.4/3.5 with --enable-v2."
+        )
     if isinstance(error, etcd.EtcdKeyNotFound):
-        payload = getattr(error, "payload", None)
-        if not isinstance(payload, dict) or "errorCode" not in payload:
-            # A 404 without etcd's error body: the URL itself does not exist.
-            return "no_v2_api", V2ApiUnavailable(
-                f"{where}: this etcd does not serve the v2 API ({error}). "
-                "Start etcd 3.4/3.5 with --enable-v2."
-            )
         return "not_found", KeyNotFound(key, _index(error))
     if isinstance(error, etcd.EtcdAlreadyExist):
         return "already_exists", AlreadyExists(key)
@@ -257,7 +263,6 @@ def _classify(
         return "outcome_unknown", OutcomeUnknown(f"{where}: answer lost ({cause!r})")
     if isinstance(error, etcd.EtcdLeaderElectionInProgress):
         return "leader_election", None
-    payload = getattr(error, "payload", None) or {}
     if payload.get("errorCode") == 300:
         return "raft_error", None  # raft internal errors are not applied
     return "error", EtcdRejectedError(f"{where}: {error}")

@@ -1,0 +1,255 @@
+"""The rendezvous against a real etcd, every participant a separate process with its own client."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import etcd as python_etcd
+import pytest
+
+from etcd_rdzv.local_etcd import LocalEtcd
+from tests.support.harness import ParticipantGroup, check_membership
+
+BACKEND = "etcd-rdzv"
+# Short TTLs and windows keep the suite fast; the protocol is the same at torch's defaults.
+FAST = {"last_call_timeout": "1", "keep_alive_ttl": "2", "timeout": "60"}
+
+
+@pytest.fixture
+def client(etcd: LocalEtcd) -> python_etcd.Client:
+    host, port = etcd.endpoint.rsplit(":", 1)
+    return python_etcd.Client(host=host, port=int(port))
+
+
+def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_nodes: int,
+          **conf: str) -> ParticipantGroup:  # fmt: skip
+    return ParticipantGroup(
+        tmp_path / run_id,
+        endpoint=etcd.endpoint,
+        run_id=run_id,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        conf={**FAST, **conf},
+    )
+
+
+def active_state(client: python_etcd.Client, run_id: str) -> dict[str, object] | None:
+    try:
+        value = client.get(f"/torchelastic/p2p/run_{run_id}/rdzv/active_version").value
+    except python_etcd.EtcdKeyNotFound:
+        return None
+    state: dict[str, object] = json.loads(value)
+    return state
+
+
+def wait_until(condition: str, check: Callable[[], object], timeout: float) -> None:
+    """Poll `check()` until truthy; bounded in time, with a short interval."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {condition}")
+
+
+@pytest.mark.parametrize("size", [1, 2, 8])
+def test_fixed_size_rendezvous(tmp_path: Path, etcd: LocalEtcd, run_id: str, size: int) -> None:
+    with group(tmp_path, etcd, run_id, size, size) as nodes:
+        nodes.start(size, backend=BACKEND)
+        results = nodes.rendezvous_all(timeout=60)
+    check_membership(results)
+    assert {r["world_size"] for r in results} == {size}
+    assert {r["version"] for r in results} == {1}
+
+
+def test_elastic_rendezvous_completes_after_the_last_call(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 4, last_call_timeout="1.5") as nodes:
+        nodes.start(3, backend=BACKEND)
+        started = time.monotonic()
+        results = nodes.rendezvous_all(timeout=60)
+        elapsed = time.monotonic() - started
+    check_membership(results)
+    assert {r["world_size"] for r in results} == {3}
+    # min was reached at once; the window was held open for the fourth node that never came.
+    assert elapsed >= 1.5
+
+
+def test_late_node_waits_then_joins_the_next_version(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 3) as nodes:
+        first = nodes.start(2, backend=BACKEND)
+        check_membership(nodes.rendezvous_all(timeout=60, participants=first))
+
+        (late,) = nodes.start(1, backend=BACKEND)
+        late.send({"cmd": "rendezvous"})
+        wait_until(
+            "a member sees the late node waiting",
+            lambda: first[0].request({"cmd": "num_nodes_waiting"}, 10)["value"] > 0,
+            timeout=20,
+        )
+        # The members re-rendezvous, as torchrun's agents do when nodes are waiting.
+        for member in first:
+            member.send({"cmd": "rendezvous"})
+        results = [p.expect_rendezvous(60) for p in [*first, late]]
+    check_membership(results)
+    assert {r["version"] for r in results} == {2}
+    assert {r["world_size"] for r in results} == {3}
+
+
+def test_closed_rendezvous_rejects_joiners(tmp_path: Path, etcd: LocalEtcd, run_id: str) -> None:
+    with group(tmp_path, etcd, run_id, 1, 2) as nodes:
+        (member,) = nodes.start(1, backend=BACKEND)
+        member.rendezvous(timeout=30)
+        assert member.request({"cmd": "is_closed"}, 10)["value"] is False
+        member.request({"cmd": "set_closed"}, 10)
+        assert member.request({"cmd": "is_closed"}, 10)["value"] is True
+
+        (joiner,) = nodes.start(1, backend=BACKEND)
+        joiner.send({"cmd": "rendezvous"})
+        error = joiner.expect("error", timeout=30)
+    assert error["type"] == "RendezvousClosedError"
+    assert run_id in error["message"]
+
+
+def test_overall_timeout_raises_and_says_what_was_missing(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 2, timeout="2") as nodes:
+        (alone,) = nodes.start(1, backend=BACKEND)
+        started = time.monotonic()
+        alone.send({"cmd": "rendezvous"})
+        error = alone.expect("error", timeout=30)
+        elapsed = time.monotonic() - started
+    assert error["type"] == "RendezvousTimeoutError"
+    assert "within 2s" in error["message"]
+    assert "joinable with 1 participants" in error["message"]
+    assert elapsed < 10
+
+
+def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_it(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, client: python_etcd.Client
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 3) as nodes:
+        members = nodes.start(3, backend=BACKEND)
+        check_membership(nodes.rendezvous_all(timeout=60))
+        members[2].kill()
+
+        # A newcomer finds version 1 final; only the dead member's expiring keep-alive
+        # (the live ones keep refreshing theirs) lets it tear version 1 down.
+        (newcomer,) = nodes.start(1, backend=BACKEND)
+        newcomer.send({"cmd": "rendezvous"})
+        wait_until(
+            "version 1 torn down after the dead member's keep-alive expired",
+            lambda: (active_state(client, run_id) or {}).get("version") not in (None, "1"),
+            timeout=2 + 10,
+        )
+        survivors = [members[0], members[1], newcomer]
+        for member in members[:2]:
+            member.send({"cmd": "rendezvous"})
+        results = [p.expect_rendezvous(60) for p in survivors]
+    check_membership(results)
+    assert {r["world_size"] for r in results} == {3}
+    assert members[2].pid not in {r["pid"] for r in results}
+
+
+def test_two_runs_on_one_etcd_do_not_interfere(
+    tmp_path: Path, etcd: LocalEtcd, client: python_etcd.Client
+) -> None:
+    run_a, run_b = f"iso-a-{time.monotonic_ns()}", f"iso-b-{time.monotonic_ns()}"
+    with (
+        group(tmp_path, etcd, run_a, 2, 2) as nodes_a,
+        group(tmp_path, etcd, run_b, 3, 3) as nodes_b,
+    ):
+        nodes_a.start(2, backend=BACKEND)
+        nodes_b.start(3, backend=BACKEND)
+        for participant in [*nodes_a.members, *nodes_b.members]:
+            participant.send({"cmd": "rendezvous"})
+        results_a = [p.expect_rendezvous(60) for p in nodes_a.members]
+        results_b = [p.expect_rendezvous(60) for p in nodes_b.members]
+        # Read while the members still hold their keep-alive keys.
+        keys = {leaf.key for leaf in client.read("/torchelastic/p2p", recursive=True).leaves}
+    check_membership(results_a)
+    check_membership(results_b)
+    assert {r["world_size"] for r in results_a} == {2}
+    assert {r["world_size"] for r in results_b} == {3}
+    for run, size in ((run_a, 2), (run_b, 3)):
+        state = active_state(client, run)
+        assert state is not None and state["participants"] == list(range(size))
+        keep_alives = {k for k in keys if k.startswith(f"/torchelastic/p2p/run_{run}/rdzv/v_1/")}
+        assert keep_alives == {
+            f"/torchelastic/p2p/run_{run}/rdzv/v_1/rank_{rank}" for rank in range(size)
+        } | {k for k in keep_alives if "/kv/" in k}
+
+
+def test_mixed_rendezvous_with_torch_etcd_backend(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    with group(tmp_path, etcd, run_id, 4, 4) as nodes:
+        nodes.start(2, backend="etcd")
+        nodes.start(2, backend=BACKEND)
+        results = nodes.rendezvous_all(timeout=90)
+    check_membership(results)
+    assert {r["world_size"] for r in results} == {4}
+    assert len({r["version"] for r in results}) == 1
+    assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
+
+
+@pytest.fixture
+def unreachable_endpoint() -> Iterator[str]:
+    # A port nothing listens on: bind it, read it, release it.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield f"127.0.0.1:{port}"
+
+
+def test_unreachable_etcd_is_a_clear_error_naming_the_endpoint(
+    tmp_path: Path, unreachable_endpoint: str, run_id: str
+) -> None:
+    nodes = ParticipantGroup(
+        tmp_path, endpoint=unreachable_endpoint, run_id=run_id, min_nodes=1, max_nodes=1,
+        conf={"request_timeout": "2"},
+    )  # fmt: skip
+    with nodes, pytest.raises(AssertionError) as failure:
+        nodes.start(1, backend=BACKEND, ready_timeout=30)
+    message = str(failure.value)
+    assert "EtcdUnavailableError" in message
+    assert unreachable_endpoint in message
+    assert "Check that etcd is running" in message
+
+
+def test_server_without_v2_api_is_a_clear_error(
+    tmp_path: Path, etcd_factory: object, run_id: str
+) -> None:
+    v3_only = etcd_factory(enable_v2=False)  # type: ignore[operator]
+    nodes = ParticipantGroup(
+        tmp_path, endpoint=v3_only.endpoint, run_id=run_id, min_nodes=1, max_nodes=1
+    )
+    with nodes, pytest.raises(AssertionError) as failure:
+        nodes.start(1, backend=BACKEND, ready_timeout=30)
+    assert "does not serve the v2 API" in str(failure.value)
+    assert "--enable-v2" in str(failure.value)
+
+
+def test_garbage_in_the_state_key_is_a_clear_error_naming_the_key(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, client: python_etcd.Client
+) -> None:
+    key = f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
+    client.write(key, '{"status": "joinable", "version": "1", "participa')
+    with group(tmp_path, etcd, run_id, 1, 1) as nodes:
+        (node,) = nodes.start(1, backend=BACKEND)
+        node.send({"cmd": "rendezvous"})
+        error = node.expect("error", timeout=30)
+    assert error["type"] == "CorruptStateError"
+    assert key in error["message"]
+    assert "not JSON" in error["message"]
+    # Never silently overwritten.
+    assert client.get(key).value.endswith("participa")

@@ -1,0 +1,116 @@
+"""The state document and its transitions: torch-compatible, no I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from etcd_rdzv import protocol
+from etcd_rdzv.errors import CorruptStateError
+from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
+
+KEY = "/torchelastic/p2p/run_r/rdzv/active_version"
+
+
+def test_encoding_is_what_torch_reads() -> None:
+    state = protocol.open_version(7)
+    document = json.loads(state.encode())
+    # torch compares versions as the strings it wrote: "7", never 7.
+    assert document == {"status": "joinable", "version": "7", "participants": []}
+    assert json.loads(protocol.setup().encode()) == {"status": "setup"}
+
+
+def test_torch_documents_decode() -> None:
+    torch_final = json.dumps(
+        {"status": "final", "version": "3", "participants": [0, 1],
+         "keep_alives": ["/k/rank_0", "/k/rank_1"], "num_workers_waiting": 2}
+    )  # fmt: skip
+    state = RendezvousState.decode(torch_final, KEY)
+    assert state.status is Status.FINAL
+    assert (state.version, state.world_size, state.num_workers_waiting) == (3, 2, 2)
+    assert RendezvousState.decode(state.encode(), KEY) == state
+
+
+def test_unknown_fields_survive_a_rewrite() -> None:
+    raw = json.dumps({"status": "joinable", "version": "1", "participants": [], "x": {"y": 1}})
+    joined = protocol.join(RendezvousState.decode(raw, KEY), min_nodes=2, max_nodes=3)
+    assert json.loads(joined.state.encode())["x"] == {"y": 1}
+
+
+def test_fixed_size_join_freezes_on_the_last_rank() -> None:
+    state = protocol.open_version(1)
+    ranks = []
+    for _ in range(3):
+        joined = protocol.join(state, min_nodes=3, max_nodes=3)
+        ranks.append(joined.rank)
+        state = joined.state
+        assert not joined.holds_last_call
+    assert ranks == [0, 1, 2]
+    assert state.status is Status.FROZEN
+    assert state.keep_alives == ()
+    assert joined.lifetime is Lifetime.FROZEN
+
+
+def test_elastic_join_hands_the_last_call_to_the_node_reaching_min() -> None:
+    state = protocol.open_version(1)
+    first = protocol.join(state, min_nodes=2, max_nodes=4)
+    second = protocol.join(first.state, min_nodes=2, max_nodes=4)
+    third = protocol.join(second.state, min_nodes=2, max_nodes=4)
+    assert (first.lifetime, first.holds_last_call) == (Lifetime.PERMANENT, False)
+    assert (second.lifetime, second.holds_last_call) == (Lifetime.JOINABLE, True)
+    # Later joins keep the state ephemeral but do not take over the last call.
+    assert (third.lifetime, third.holds_last_call) == (Lifetime.JOINABLE, False)
+    assert third.state.status is Status.JOINABLE
+
+
+def test_joining_a_non_joinable_or_full_state_is_a_logic_error() -> None:
+    with pytest.raises(ValueError, match="cannot join a frozen"):
+        protocol.join(protocol.freeze(protocol.open_version(1)), min_nodes=1, max_nodes=2)
+
+
+def test_confirm_finalizes_on_the_last_keep_alive() -> None:
+    frozen = protocol.freeze(protocol.join(protocol.RendezvousState(
+        Status.JOINABLE, version=4, participants=(0,)), 1, 2).state)  # fmt: skip
+    once = protocol.confirm(frozen, "/k/rank_0")
+    assert not once.completed and once.lifetime is Lifetime.FROZEN
+    twice = protocol.confirm(once.state, "/k/rank_1")
+    assert twice.completed and twice.lifetime is Lifetime.PERMANENT
+    assert twice.state.num_workers_waiting == 0
+    assert twice.state.keep_alives == ("/k/rank_0", "/k/rank_1")
+
+
+def test_missing_keep_alives_are_found() -> None:
+    state = RendezvousState(Status.FINAL, 2, (0, 1), ("/a", "/b"), 0)
+    assert protocol.missing_keep_alives(state, {"/a"}) == ["/b"]
+    assert protocol.missing_keep_alives(state, {"/a", "/b", "/c"}) == []
+
+
+def test_announce_and_close() -> None:
+    final = RendezvousState(Status.FINAL, 2, (0,), ("/a",), 0)
+    assert protocol.announce_waiting(final).num_workers_waiting == 1
+    closed = protocol.close(final)
+    assert closed.status is Status.CLOSED and closed.version == 2
+    assert json.loads(protocol.close(None).encode()) == {"status": "closed", "participants": []}
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("", "not JSON"),
+        ("{trunc", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"status": "dancing"}', "unknown status"),
+        ('{"status": "joinable", "participants": []}', "without a version"),
+        ('{"status": "joinable", "version": "x", "participants": []}', "version is not an integer"),
+        ('{"status": "joinable", "version": "1", "participants": [0, 0]}', "not the ranks"),
+        ('{"status": "joinable", "version": "1", "participants": "0"}', "not a list of ranks"),
+        ('{"status": "final", "version": "1", "participants": [0], "keep_alives": [1]}',
+         "keep_alives is not a list of keys"),
+    ],
+)  # fmt: skip
+def test_corrupt_documents_name_the_key_and_the_problem(raw: str, problem: str) -> None:
+    with pytest.raises(CorruptStateError, match=problem) as caught:
+        RendezvousState.decode(raw, KEY)
+    assert caught.value.key == KEY
+    assert KEY in str(caught.value)
