@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from torch.distributed.elastic.rendezvous import (
     RendezvousHandler,
@@ -12,6 +11,7 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousStoreInfo,
 )
 
+from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
 from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.kv.etcd_v2 import EtcdV2
@@ -53,10 +53,8 @@ class EtcdRdzvHandler(RendezvousHandler):
         self._rendezvous.set_closed()
 
     def num_nodes_waiting(self) -> int:
-        state = self._rendezvous.current_state()
-        if state is not None and state.status is Status.FINAL:
-            return state.num_workers_waiting or 0
-        return 0
+        member_of = self.last_membership.version if self.last_membership else None
+        return protocol.nodes_waiting(self._rendezvous.current_state(), member_of)
 
     def get_run_id(self) -> str:
         return self._rendezvous.config.run_id
@@ -81,8 +79,3 @@ def create_handler(
     rendezvous = EtcdRendezvous(kv, config, observer)
     rendezvous.prepare()
     return EtcdRdzvHandler(rendezvous, kv)
-
-
-def handler_creator() -> Callable[[RendezvousParameters], RendezvousHandler]:
-    """The `torchrun.handlers` entry point: torch calls it and registers what it returns."""
-    return create_handler

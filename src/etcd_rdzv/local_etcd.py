@@ -113,6 +113,9 @@ class LocalEtcd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=_environment_without_etcd_settings(),
+                # Its own session: a Ctrl-C in the terminal reaches the demo, which then stops
+                # its agents while etcd still serves them, and stops etcd last.
+                start_new_session=True,
             )
         _live_servers.add(self)
 

@@ -179,6 +179,25 @@ def close(state: RendezvousState | None) -> RendezvousState:
     return replace(state, status=Status.CLOSED)
 
 
+def nodes_waiting(state: RendezvousState | None, member_of: int | None) -> int:
+    """How many nodes wait for the members of version `member_of` to rendezvous again.
+
+    torchrun's agents poll this and restart their workers when it is positive. Besides the
+    nodes counted in a final state, a node whose version is no longer the active one is
+    awaited by whoever replaced it (they tear a version down as soon as one member leaves):
+    it must not read 0 and carry on with a membership that is gone.
+    """
+    if state is None:
+        return 1 if member_of is not None else 0
+    if state.status is Status.CLOSED:
+        return 0
+    if state.status is Status.FINAL and state.version == member_of:
+        return state.num_workers_waiting or 0
+    if member_of is None:
+        return state.num_workers_waiting or 0 if state.status is Status.FINAL else 0
+    return max(1, state.world_size)
+
+
 def missing_keep_alives(state: RendezvousState, live_keys: Iterable[str]) -> list[str]:
     """Keep-alive keys of a final version whose owners stopped refreshing them."""
     live = set(live_keys)

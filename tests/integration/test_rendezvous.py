@@ -102,6 +102,35 @@ def test_late_node_waits_then_joins_the_next_version(
     assert {r["world_size"] for r in results} == {3}
 
 
+def test_members_keep_seeing_waiting_nodes_after_one_member_left_for_the_next_version(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, client: python_etcd.Client
+) -> None:
+    # torchrun's agents poll num_nodes_waiting() and restart only when it is positive. The
+    # first member to re-rendezvous tears the final version down at once; the others must
+    # still be told that nodes wait for them, or they carry on in a membership that is gone.
+    with group(tmp_path, etcd, run_id, 2, 3, last_call_timeout="5") as nodes:
+        first, second = nodes.start(2, backend=BACKEND)
+        check_membership(nodes.rendezvous_all(timeout=60, participants=[first, second]))
+        (late,) = nodes.start(1, backend=BACKEND)
+        late.send({"cmd": "rendezvous"})
+        wait_until(
+            "the members see the late node",
+            lambda: second.request({"cmd": "num_nodes_waiting"}, 10)["value"] > 0,
+            timeout=20,
+        )
+        first.send({"cmd": "rendezvous"})
+        wait_until(
+            "version 1 replaced by the next one",
+            lambda: (active_state(client, run_id) or {}).get("version") not in (None, "1"),
+            timeout=20,
+        )
+        assert second.request({"cmd": "num_nodes_waiting"}, 10)["value"] >= 1
+        second.send({"cmd": "rendezvous"})
+        results = [p.expect_rendezvous(60) for p in (first, second, late)]
+    check_membership(results)
+    assert {r["world_size"] for r in results} == {3}
+
+
 def test_closed_rendezvous_rejects_joiners(tmp_path: Path, etcd: LocalEtcd, run_id: str) -> None:
     with group(tmp_path, etcd, run_id, 1, 2) as nodes:
         (member,) = nodes.start(1, backend=BACKEND)

@@ -114,3 +114,23 @@ def test_corrupt_documents_name_the_key_and_the_problem(raw: str, problem: str) 
         RendezvousState.decode(raw, KEY)
     assert caught.value.key == KEY
     assert KEY in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("state", "member_of", "expected"),
+    [
+        (None, None, 0),  # nothing yet, not a member: nobody waits for us
+        (RendezvousState(Status.FINAL, 3, (0, 1), ("/a", "/b"), 2), 3, 2),  # torch's count
+        (RendezvousState(Status.FINAL, 3, (0, 1), ("/a", "/b"), 0), 3, 0),
+        (RendezvousState(Status.FINAL, 3, (0,), ("/a",), 1), None, 1),  # before our first join
+        # Our version is gone: whoever replaced it waits for us, even if nobody counted.
+        (None, 3, 1),
+        (RendezvousState(Status.SETUP), 3, 1),
+        (RendezvousState(Status.JOINABLE, 4, (0, 1)), 3, 2),
+        (RendezvousState(Status.FINAL, 4, (0,), ("/a",), 0), 3, 1),
+        # A closed run waits for nobody: the job is over.
+        (RendezvousState(Status.CLOSED, 3, (0, 1)), 3, 0),
+    ],
+)
+def test_nodes_waiting(state: RendezvousState | None, member_of: int | None, expected: int) -> None:
+    assert protocol.nodes_waiting(state, member_of) == expected
