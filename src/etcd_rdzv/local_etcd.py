@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from etcd_rdzv.logfiles import log_tail
+
 __all__ = [
     "LocalEtcd",
     "LocalEtcdCluster",
@@ -199,11 +201,7 @@ class LocalEtcd:
         return _http_get(f"{self.client_url}/metrics", timeout)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            return f"<log unreadable: {exc}>"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def _require_running(self, action: str) -> None:
         if not self.is_running():

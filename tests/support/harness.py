@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from etcd_rdzv.logfiles import log_tail
+
 PARTICIPANT_SCRIPT = Path(__file__).with_name("participant.py")
 # Each participant imports torch; on a 2-core machine several doing so at once take a while.
 DEFAULT_READY_TIMEOUT = 60.0
@@ -220,11 +222,7 @@ class Participant:
         return self.process.returncode
 
     def stderr_tail(self, lines: int = _STDERR_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            return f"<stderr log unreadable: {exc}>"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def _failure(self, what: str) -> ParticipantError:
         ignored = f"\nnon-protocol stdout lines: {self.ignored_lines}" if self.ignored_lines else ""
