@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the demo and the tests run for real: etcd (and its client for debugging).
-DEBIAN_PACKAGES := etcd-server etcd-client
+# Debian packages the demo and the tests run for real: etcd (its client, for debugging) and
+# Prometheus (with promtool).
+DEBIAN_PACKAGES := etcd-server etcd-client prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

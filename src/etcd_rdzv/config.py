@@ -7,6 +7,7 @@ default lives here; everything else receives a frozen `RendezvousConfig`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ DEFAULT_PREFIX = "/torchelastic/p2p"
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DEFAULT_LAST_CALL_TIMEOUT_SECONDS = 30.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10.0
+DEFAULT_METRICS_PORT = 9401
+DEFAULT_METRICS_ADDR = "0.0.0.0"
+_DISABLED = frozenset({"off", "none", "disabled", "false", "no"})
 
 Protocol = Literal["http", "https"]
 
@@ -83,6 +87,38 @@ class ProtocolTtls:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """Where metrics, traces and logs go. `--rdzv-conf` keys win over environment variables."""
+
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no metrics endpoint; 0: a free port
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    trace_file: Path | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_settings(cls, conf: Mapping[str, Any], environ: Mapping[str, str]) -> TelemetryConfig:
+        def setting(key: str) -> Any:
+            value = conf.get(key)
+            return environ.get(f"ETCD_RDZV_{key.upper()}") if value is None else value
+
+        trace_file = setting("trace_file")
+        log_format = str(setting("log_format") or "auto").lower()
+        if log_format not in ("auto", "json", "console"):
+            raise ConfigurationError(f"log_format={log_format!r}: use auto, json or console.")
+        log_level = str(setting("log_level") or "INFO").upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigurationError(f"log_level={log_level!r}: use DEBUG, INFO, WARNING, ERROR.")
+        return cls(
+            metrics_port=_metrics_port(setting("metrics_port")),
+            metrics_addr=str(setting("metrics_addr") or DEFAULT_METRICS_ADDR),
+            trace_file=Path(str(trace_file)) if trace_file else None,
+            log_format=log_format,  # type: ignore[arg-type]
+            log_level=log_level,
+        )
+
+
+@dataclass(frozen=True)
 class RendezvousConfig:
     run_id: str
     endpoints: tuple[EtcdEndpoint, ...]
@@ -96,6 +132,7 @@ class RendezvousConfig:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
     ttls: ProtocolTtls = field(default_factory=ProtocolTtls)
     local_addr: str | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         _check_run_id(self.run_id)
@@ -124,7 +161,9 @@ class RendezvousConfig:
         return f"{base}/run_{self.run_id}"
 
     @classmethod
-    def from_parameters(cls, params: RendezvousParameters) -> RendezvousConfig:
+    def from_parameters(
+        cls, params: RendezvousParameters, environ: Mapping[str, str] | None = None
+    ) -> RendezvousConfig:
         conf: Mapping[str, Any] = params.config
         _warn_unknown_keys(conf)
         protocol = _protocol(conf.get("protocol"))
@@ -145,22 +184,15 @@ class RendezvousConfig:
             request_timeout=_seconds(conf, "request_timeout", DEFAULT_REQUEST_TIMEOUT_SECONDS),
             ttls=ttls,
             local_addr=params.local_addr,
+            telemetry=TelemetryConfig.from_settings(conf, environ or os.environ),
         )
 
 
 KNOWN_KEYS = frozenset(
-    {
-        "timeout",
-        "last_call_timeout",
-        "etcd_prefix",
-        "protocol",
-        "cacert",
-        "cert",
-        "key",
-        "keep_alive_ttl",
-        "request_timeout",
-    }
-)
+    {"timeout", "last_call_timeout", "etcd_prefix", "protocol", "cacert", "cert", "key",
+     "keep_alive_ttl", "request_timeout", "metrics_port", "metrics_addr", "trace_file",
+     "log_format", "log_level"}
+)  # fmt: skip
 
 
 def parse_endpoints(text: str) -> tuple[EtcdEndpoint, ...]:
@@ -217,6 +249,22 @@ def _seconds(conf: Mapping[str, Any], key: str, default: float) -> float:
         ) from None
     _check_positive(key, seconds)
     return seconds
+
+
+def _metrics_port(value: object) -> int | None:
+    if value is None or value == "":
+        return DEFAULT_METRICS_PORT
+    if str(value).strip().lower() in _DISABLED:
+        return None
+    try:
+        port = int(str(value))
+    except ValueError:
+        raise ConfigurationError(
+            f"metrics_port={value!r}: give a port (0 picks a free one) or 'off'."
+        ) from None
+    if not 0 <= port < 65536:
+        raise ConfigurationError(f"metrics_port={port} is not in 0..65535.")
+    return port
 
 
 def _protocol(value: object) -> Protocol:

@@ -123,6 +123,9 @@ class TorchrunAgent:
         """Launch the agent in a new session; its stdout and stderr go to `log_path`."""
         tag = f"{name}-{uuid.uuid4().hex}"
         environment = {**os.environ, **(env or {}), NODE_TAG_VARIABLE: tag}
+        # Agents on one machine: metrics on loopback, each on its own free port, unless asked.
+        environment.setdefault("ETCD_RDZV_METRICS_ADDR", LOOPBACK)
+        environment.setdefault("ETCD_RDZV_METRICS_PORT", "0")
         if sys.platform.startswith("linux"):
             # gloo otherwise picks the interface the host name resolves to, not loopback.
             environment.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -18,7 +18,7 @@ from etcd_rdzv.kv.etcd_v2 import EtcdV2
 from etcd_rdzv.protocol import Status
 from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
 from etcd_rdzv.store import EtcdStore
-from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
+from etcd_rdzv.telemetry import Observer, build_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,10 @@ BACKEND_NAME = "etcd-rdzv"
 
 
 class EtcdRdzvHandler(RendezvousHandler):
-    def __init__(self, rendezvous: EtcdRendezvous, kv: KeyValue) -> None:
+    def __init__(self, rendezvous: EtcdRendezvous, kv: KeyValue, observer: Observer) -> None:
         self._rendezvous = rendezvous
         self._kv = kv
+        self._observer = observer
         self.last_membership: Membership | None = None
 
     def get_backend(self) -> str:
@@ -54,7 +55,9 @@ class EtcdRdzvHandler(RendezvousHandler):
 
     def num_nodes_waiting(self) -> int:
         member_of = self.last_membership.version if self.last_membership else None
-        return protocol.nodes_waiting(self._rendezvous.current_state(), member_of)
+        waiting = protocol.nodes_waiting(self._rendezvous.current_state(), member_of)
+        self._observer.nodes_waiting(waiting)
+        return waiting
 
     def get_run_id(self) -> str:
         return self._rendezvous.config.run_id
@@ -67,15 +70,25 @@ class EtcdRdzvHandler(RendezvousHandler):
             return False
         finally:
             self._rendezvous.stop()
+            self._observer.close()
         return True
 
 
 def create_handler(
-    params: RendezvousParameters, observer: Observer = NOOP_OBSERVER
+    params: RendezvousParameters, observer: Observer | None = None
 ) -> EtcdRdzvHandler:
-    """Build a handler from torchrun's parameters; bad parameters fail here, clearly."""
+    """Build a handler from torchrun's parameters; bad parameters fail here, clearly.
+
+    Without an `observer`, telemetry is built as the parameters and environment ask.
+    """
     config = RendezvousConfig.from_parameters(params)
+    observer = build_telemetry(config) if observer is None else observer
     kv = EtcdV2.from_config(config, observer)
     rendezvous = EtcdRendezvous(kv, config, observer)
-    rendezvous.prepare()
-    return EtcdRdzvHandler(rendezvous, kv)
+    try:
+        rendezvous.prepare()
+    except BaseException:
+        rendezvous.stop()
+        observer.close()
+        raise
+    return EtcdRdzvHandler(rendezvous, kv, observer)

@@ -75,6 +75,10 @@ class RunPaths:
     def store(self, version: int) -> str:
         return f"{self.run}/rdzv/v_{version}/kv"
 
+    def version_context(self, version: int) -> str:
+        """Ours, not torch's: the context (a trace) all nodes of a version share."""
+        return f"{self.run}/rdzv/v_{version}/trace_context"
+
 
 class _StartOver(Exception):
     """The state moved on under this phase: start again from setup."""
@@ -100,6 +104,7 @@ class EtcdRendezvous:
         self._run_keep_alive: KeepAlive | None = None
         self._rank_keep_alive: KeepAlive | None = None
         self._last_seen: tuple[int | None, str] | None = None
+        self._version_context: tuple[int, str | None] | None = None
         self._lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -137,7 +142,7 @@ class EtcdRendezvous:
             while not deadline.expired():
                 self._release_rank()
                 try:
-                    membership = self._attempt(deadline)
+                    membership = self._attempt(deadline, attempt)
                 except _StartOver as start_over:
                     attempt += 1
                     last_problem = start_over.reason
@@ -165,8 +170,8 @@ class EtcdRendezvous:
                 f"{self._describe_last_seen()}."
             )
 
-    def _attempt(self, deadline: Deadline) -> Membership:
-        with self._observer.phase(Phase.SETUP) as scope:
+    def _attempt(self, deadline: Deadline, attempt: int) -> Membership:
+        with self._observer.phase(Phase.SETUP, attempt=attempt + 1) as scope:
             entry, state = self._create_or_observe()
             scope.annotate(version=state.version, state=state.status.value)
         if state.status is Status.CLOSED:
@@ -188,6 +193,7 @@ class EtcdRendezvous:
         raise _StartOver(Phase.SETUP, f"state moved on from {state.status.value}")
 
     def _take_part(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Membership:
+        self._enter_version(version)
         with self._observer.phase(Phase.JOIN, version=version) as scope:
             joined, snapshot = self._join(version, snapshot, deadline, scope)
             scope.annotate(rank=joined.rank, participants=joined.state.world_size)
@@ -225,9 +231,10 @@ class EtcdRendezvous:
             )
         except AlreadyExists:
             return self._read_state(Phase.SETUP)
-        self._see(protocol.setup())
+        self._see(protocol.setup(), made=True)
         version = self._increment_version_counter()
         self._kv.ensure_directory(self.paths.version_dir(version))
+        self._publish_version_context(version)
         opened = protocol.open_version(version)
         try:
             entry = self._kv.compare_and_swap(
@@ -236,7 +243,7 @@ class EtcdRendezvous:
         except CompareFailed:
             # The placeholder expired or the run was closed meanwhile.
             raise _StartOver(Phase.SETUP, "setup placeholder replaced") from None
-        self._see(opened)
+        self._see(opened, made=True)
         log.info("opened rendezvous version %d of run %s", version, self.config.run_id)
         return entry, opened
 
@@ -261,7 +268,7 @@ class EtcdRendezvous:
                 CAS_BACKOFF.sleep(attempt, deadline)
                 entry, state = self._read_state(Phase.JOIN)
                 continue
-            self._see(joined.state)
+            self._see(joined.state, made=True)
             return joined, (entry, joined.state)
         raise _StartOver(Phase.JOIN, "too many lost compare-and-swaps")
 
@@ -291,7 +298,7 @@ class EtcdRendezvous:
                         entry,
                         ttl=self.config.ttls.frozen,
                     )
-                    self._see(frozen)
+                    self._see(frozen, made=True)
                     return entry, frozen
                 if refreshed.expired():
                     entry = self._kv.compare_and_swap(
@@ -330,7 +337,7 @@ class EtcdRendezvous:
                 CAS_BACKOFF.sleep(attempt, deadline)
                 entry, state = self._read_state(Phase.CONFIRM)
                 continue
-            self._see(confirmed.state)
+            self._see(confirmed.state, made=True)
             return entry, confirmed.state
         raise _StartOver(Phase.CONFIRM, "too many lost compare-and-swaps")
 
@@ -343,6 +350,7 @@ class EtcdRendezvous:
         _, final = snapshot
         version = final.version
         assert version is not None
+        self._enter_version(version)
         with self._observer.phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
             entry, state = self._announce_waiting(version, snapshot, deadline)
             scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
@@ -358,7 +366,7 @@ class EtcdRendezvous:
                     log.info("version %d lost %s; tearing it down", version, ", ".join(missing))
                     try:
                         self._kv.compare_and_delete(self.paths.active_version, entry)
-                        self._observer.transition(version, Status.FINAL.value, "deleted", 0)
+                        self._observer.transition(version, Status.FINAL.value, "deleted", 0, True)
                     except (CompareFailed, KeyNotFound, OutcomeUnknown):
                         pass
                     return
@@ -426,7 +434,7 @@ class EtcdRendezvous:
                     self.paths.active_version, protocol.close(state).encode(), entry
                 )
                 self._observer.transition(
-                    state.version, state.status.value, "closed", state.world_size
+                    state.version, state.status.value, "closed", state.world_size, True
                 )
                 log.info("closed rendezvous of run %s", self.config.run_id)
                 return
@@ -484,14 +492,33 @@ class EtcdRendezvous:
         self._see(state)
         return state
 
-    def _see(self, state: RendezvousState) -> None:
+    def _see(self, state: RendezvousState, made: bool = False) -> None:
         now = (state.version, state.status.value)
         before = self._last_seen
         if before != now:
             self._last_seen = now
             self._observer.transition(
-                state.version, before[1] if before else None, now[1], state.world_size
+                state.version, before[1] if before else None, now[1], state.world_size, made
             )
+
+    # --- the context all nodes of a version share --------------------------------------------
+
+    def _publish_version_context(self, version: int) -> None:
+        context = self._observer.open_version(version)
+        if context is not None:
+            self._kv.put(self.paths.version_context(version), context)
+        self._version_context = (version, context)
+
+    def _enter_version(self, version: int) -> None:
+        if not self._observer.shares_version_context:
+            return
+        if self._version_context is None or self._version_context[0] != version:
+            try:
+                context: str | None = self._kv.get(self.paths.version_context(version)).value
+            except KeyNotFound:
+                context = None  # opened by torch's backend, or by a node without tracing
+            self._version_context = (version, context)
+        self._observer.enter_version(version, self._version_context[1])
 
     def _describe_last_seen(self) -> str:
         if self._last_seen is None:

@@ -24,6 +24,10 @@ from typing import IO, Any
 
 from etcd_rdzv.logfiles import log_tail
 
+# Every participant serves its metrics, as a real agent does, but only on loopback and on a
+# free port; a test that scrapes them sets its own port through `conf`.
+LOOPBACK_METRICS = {"ETCD_RDZV_METRICS_ADDR": "127.0.0.1", "ETCD_RDZV_METRICS_PORT": "0"}
+
 PARTICIPANT_SCRIPT = Path(__file__).with_name("participant.py")
 # Each participant imports torch; on a 2-core machine several doing so at once take a while.
 DEFAULT_READY_TIMEOUT = 60.0
@@ -93,7 +97,7 @@ class Participant:
                 stderr=stderr_log,
                 text=True,
                 encoding="utf-8",
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **LOOPBACK_METRICS, **(env or {})},
             )
         assert self.process.stdout is not None
         self._reader = threading.Thread(

@@ -2,16 +2,19 @@
 
 The protocol calls these methods at each phase, retry, transition, lease refresh and etcd
 request. This base class does nothing, so the protocol reads the same with telemetry off;
-real observers override what they record. An observer must never raise into the protocol
-or block it.
+real observers override what they record. `FanOut` combines several and guarantees what the
+protocol relies on: no observer's failure ever reaches it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Phase(str, enum.Enum):
@@ -39,9 +42,13 @@ _NOOP_SCOPE = PhaseScope()
 
 
 class Observer:
+    # Whether this observer wants every node to share a per-version context (a trace):
+    # only then does the protocol spend etcd requests publishing and reading one.
+    shares_version_context: bool = False
+
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
-        """Wraps one phase; an exception leaving it marks the phase failed."""
+        """Wraps one phase; an exception leaving it ends the phase (retry, timeout, error)."""
         yield _NOOP_SCOPE
 
     def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
@@ -51,9 +58,12 @@ class Observer:
         """
 
     def transition(
-        self, version: int | None, before: str | None, after: str, participants: int
+        self, version: int | None, before: str | None, after: str, participants: int, made: bool
     ) -> None:
-        """The state document went from `before` to `after` (seen or made by this node)."""
+        """The state went from `before` to `after`: written by this node (`made`) or seen."""
+
+    def nodes_waiting(self, count: int) -> None:
+        """The number of nodes waiting for this node's version to end, as last read."""
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
         """A keep-alive refresh of a TTL key of `kind` (`run`, `rank`)."""
@@ -61,5 +71,132 @@ class Observer:
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         """One request to etcd; `result` is `ok` or the error kind."""
 
+    def open_version(self, version: int) -> str | None:
+        """This node creates `version`: return the context every node should share, or None."""
+        return None
+
+    def enter_version(self, version: int, context: str | None) -> None:
+        """This node works on `version`, whose shared context (if any) is `context`."""
+
+    def close(self) -> None:
+        """Flush and release what the observer holds (exporters, servers)."""
+
 
 NOOP_OBSERVER = Observer()
+
+
+class FanOut(Observer):
+    """Several observers behind one; each failure is logged once per method and swallowed."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self.observers = tuple(observers)
+        self.shares_version_context = any(o.shares_version_context for o in self.observers)
+        self._reported: set[str] = set()
+
+    @contextmanager
+    def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
+        with ExitStack() as stack:
+            scopes = []
+            for observer in self.observers:
+                try:
+                    guarded = _Guarded(observer.phase(phase, **attributes), self._failed)
+                except Exception as error:
+                    self._failed("phase", error)
+                    continue
+                scope = stack.enter_context(guarded)
+                if scope is not None:
+                    scopes.append(scope)
+            yield _FanOutScope(scopes, self._failed)
+
+    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
+        self._each("retry", lambda o: o.retry(phase, reason, attempt))
+
+    def transition(
+        self, version: int | None, before: str | None, after: str, participants: int, made: bool
+    ) -> None:
+        self._each("transition", lambda o: o.transition(version, before, after, participants, made))
+
+    def nodes_waiting(self, count: int) -> None:
+        self._each("nodes_waiting", lambda o: o.nodes_waiting(count))
+
+    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
+        self._each("lease_refresh", lambda o: o.lease_refresh(kind, ok, seconds))
+
+    def etcd_request(self, operation: str, result: str, seconds: float) -> None:
+        self._each("etcd_request", lambda o: o.etcd_request(operation, result, seconds))
+
+    def open_version(self, version: int) -> str | None:
+        shared = None
+        for observer in self.observers:
+            try:
+                shared = observer.open_version(version) or shared
+            except Exception as error:
+                self._failed("open_version", error)
+        return shared
+
+    def enter_version(self, version: int, context: str | None) -> None:
+        self._each("enter_version", lambda o: o.enter_version(version, context))
+
+    def close(self) -> None:
+        self._each("close", lambda o: o.close())
+
+    def _each(self, method: str, call: Callable[[Observer], None]) -> None:
+        for observer in self.observers:
+            try:
+                call(observer)
+            except Exception as error:
+                self._failed(method, error)
+
+    def _failed(self, method: str, error: BaseException) -> None:
+        if method not in self._reported:
+            self._reported.add(method)
+            log.warning("etcd-rdzv telemetry failed in %s (ignored): %r", method, error)
+
+
+class _Guarded:
+    """A context manager whose own failures are swallowed; the body's exceptions pass."""
+
+    def __init__(self, inner: Any, failed: Callable[[str, BaseException], None]) -> None:
+        self._inner = inner
+        self._failed = failed
+        self._entered = False
+
+    def __enter__(self) -> PhaseScope | None:
+        try:
+            scope: PhaseScope = self._inner.__enter__()
+        except Exception as error:
+            self._failed("phase", error)
+            return None
+        self._entered = True
+        return scope
+
+    def __exit__(self, *exc_info: Any) -> None:
+        # Returns None: the body's own exception always passes on.
+        if self._entered:
+            try:
+                self._inner.__exit__(*exc_info)
+            except Exception as error:
+                if error is not exc_info[1]:
+                    self._failed("phase", error)
+
+
+class _FanOutScope(PhaseScope):
+    def __init__(
+        self, scopes: list[PhaseScope], failed: Callable[[str, BaseException], None]
+    ) -> None:
+        self._scopes = scopes
+        self._failed = failed
+
+    def annotate(self, **attributes: Any) -> None:
+        for scope in self._scopes:
+            try:
+                scope.annotate(**attributes)
+            except Exception as error:
+                self._failed("annotate", error)
+
+    def event(self, name: str, **attributes: Any) -> None:
+        for scope in self._scopes:
+            try:
+                scope.event(name, **attributes)
+            except Exception as error:
+                self._failed("event", error)

@@ -1,0 +1,247 @@
+"""Prometheus metrics of the rendezvous, served by the agent process.
+
+Every series carries `run_id`; Prometheus adds `instance` when it scrapes, which tells nodes
+apart. Histograms carry the trace id of the span they measured as an OpenMetrics exemplar.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from etcd_rdzv.telemetry.observer import Observer, Phase, PhaseScope
+
+log = logging.getLogger(__name__)
+
+# Phases of a healthy rendezvous take milliseconds; a stalled one takes minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+# The `phase` gauge's value between rendezvous: training runs, nothing to wait for.
+IDLE_PHASE = "done"
+
+
+class RendezvousMetrics:
+    """The metric families of one run, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, ["run_id", *labels], registry=registry, buckets=buckets)
+
+        def counter(name: str, doc: str, labels: list[str]) -> Any:
+            return Counter(name, doc, ["run_id", *labels], registry=registry)
+
+        def gauge(name: str, doc: str, labels: list[str] | None = None) -> Any:
+            return Gauge(name, doc, ["run_id", *(labels or [])], registry=registry)
+
+        self.phase_duration = histogram(
+            "etcd_rdzv_phase_duration_seconds",
+            "Time spent in one rendezvous phase, by phase and outcome (ok, retry, error).",
+            ["phase", "outcome"],
+            _LATENCY_BUCKETS,
+        )
+        self.rendezvous_duration = histogram(
+            "etcd_rdzv_rendezvous_duration_seconds",
+            "Time one next_rendezvous() call took, by outcome (ok, timeout, closed, error).",
+            ["outcome"],
+            _LATENCY_BUCKETS,
+        )
+        self.retries = counter(
+            "etcd_rdzv_retries",
+            "Times a phase started over or an etcd request was retried, by phase and reason.",
+            ["phase", "reason"],
+        )
+        self.lease_refreshes = counter(
+            "etcd_rdzv_lease_refreshes",
+            "Keep-alive refreshes of TTL keys, by key kind (run, rank) and result (ok, failed).",
+            ["kind", "result"],
+        )
+        self.lease_refresh_duration = histogram(
+            "etcd_rdzv_lease_refresh_duration_seconds",
+            "Latency of one keep-alive refresh.",
+            ["kind"],
+            _REQUEST_BUCKETS,
+        )
+        self.transitions = counter(
+            "etcd_rdzv_state_transitions",
+            "Rendezvous state changes seen or made by this node.",
+            ["from_state", "to_state"],
+        )
+        self.version = gauge("etcd_rdzv_version", "Rendezvous version this node last saw.")
+        self.rank = gauge("etcd_rdzv_rank", "This node's rank in its last completed version.")
+        self.world_size = gauge(
+            "etcd_rdzv_world_size", "Participants of this node's last completed version."
+        )
+        self.participants = gauge(
+            "etcd_rdzv_participants", "Participants in the version this node last saw."
+        )
+        self.nodes_waiting = gauge(
+            "etcd_rdzv_nodes_waiting", "Nodes waiting to join the next version (final state)."
+        )
+        self.phase = gauge(
+            "etcd_rdzv_phase",
+            f"1 for the phase this node is in now, 0 for the others ({IDLE_PHASE}: none).",
+            ["phase"],
+        )
+        self.phase_started = gauge(
+            "etcd_rdzv_phase_started_timestamp_seconds",
+            "Unix time at which this node entered its current phase.",
+        )
+        self.etcd_requests = counter(
+            "etcd_rdzv_etcd_requests",
+            "Requests to etcd, by operation and result.",
+            ["operation", "result"],
+        )
+        self.etcd_request_duration = histogram(
+            "etcd_rdzv_etcd_request_duration_seconds",
+            "Latency of one etcd request, watches excluded (they wait by design).",
+            ["operation"],
+            _REQUEST_BUCKETS,
+        )
+
+
+class MetricsObserver(Observer):
+    def __init__(self, metrics: RendezvousMetrics, run_id: str) -> None:
+        self._m = metrics
+        self._run_id = run_id
+        self._lock = threading.Lock()
+        self._phases: list[Phase] = []
+        for phase in [*Phase, IDLE_PHASE]:
+            self._m.phase.labels(run_id, _name(phase)).set(0)
+        self._show_phase(IDLE_PHASE)
+
+    @contextmanager
+    def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
+        scope = _MetricsScope(self, attributes)
+        with self._lock:
+            self._phases.append(phase)
+            self._show_phase(phase)
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            yield scope
+        except BaseException as error:
+            outcome = _outcome(phase, error)
+            raise
+        finally:
+            elapsed = time.monotonic() - started
+            exemplar = _exemplar()
+            if phase is Phase.RENDEZVOUS:
+                self._m.rendezvous_duration.labels(self._run_id, outcome).observe(elapsed, exemplar)
+                if outcome == "ok":
+                    scope.publish_membership()
+            else:
+                self._m.phase_duration.labels(self._run_id, phase.value, outcome).observe(
+                    elapsed, exemplar
+                )
+            with self._lock:
+                self._phases.remove(phase)
+                self._show_phase(self._phases[-1] if self._phases else IDLE_PHASE)
+
+    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
+        with self._lock:
+            current = phase or (self._phases[-1] if self._phases else None)
+        self._m.retries.labels(self._run_id, _name(current or "etcd"), reason).inc()
+
+    def transition(
+        self, version: int | None, before: str | None, after: str, participants: int, made: bool
+    ) -> None:
+        self._m.transitions.labels(self._run_id, before or "none", after).inc()
+        if version is not None:
+            self._m.version.labels(self._run_id).set(version)
+        self._m.participants.labels(self._run_id).set(participants)
+
+    def nodes_waiting(self, count: int) -> None:
+        self._m.nodes_waiting.labels(self._run_id).set(count)
+
+    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
+        self._m.lease_refreshes.labels(self._run_id, kind, "ok" if ok else "failed").inc()
+        self._m.lease_refresh_duration.labels(self._run_id, kind).observe(seconds)
+
+    def etcd_request(self, operation: str, result: str, seconds: float) -> None:
+        self._m.etcd_requests.labels(self._run_id, operation, result).inc()
+        if operation != "watch":
+            self._m.etcd_request_duration.labels(self._run_id, operation).observe(seconds)
+
+    def _show_phase(self, phase: Phase | str) -> None:
+        """Must hold the lock: the gauge flips from one phase to the next atomically."""
+        for other in [*Phase, IDLE_PHASE]:
+            self._m.phase.labels(self._run_id, _name(other)).set(1 if other == phase else 0)
+        self._m.phase_started.labels(self._run_id).set(time.time())
+
+    def _membership(self, rank: int, world_size: int) -> None:
+        self._m.rank.labels(self._run_id).set(rank)
+        self._m.world_size.labels(self._run_id).set(world_size)
+
+
+class _MetricsScope(PhaseScope):
+    def __init__(self, observer: MetricsObserver, attributes: dict[str, Any]) -> None:
+        self._observer = observer
+        self._attributes = dict(attributes)
+
+    def annotate(self, **attributes: Any) -> None:
+        self._attributes.update(attributes)
+        if "nodes_waiting" in attributes and attributes["nodes_waiting"] is not None:
+            self._observer.nodes_waiting(int(attributes["nodes_waiting"]))
+
+    def publish_membership(self) -> None:
+        rank, world_size = self._attributes.get("rank"), self._attributes.get("world_size")
+        if rank is not None and world_size is not None:
+            self._observer._membership(int(rank), int(world_size))
+
+
+class MetricsServer:
+    """The HTTP endpoint Prometheus scrapes; a port already taken disables it, never the agent."""
+
+    def __init__(self, registry: CollectorRegistry, addr: str, port: int) -> None:
+        self.addr = addr
+        self.port: int | None = None
+        self._server: Any = None
+        try:
+            self._server, _ = start_http_server(port, addr=addr, registry=registry)
+        except OSError as error:
+            log.warning(
+                "etcd-rdzv metrics disabled: cannot listen on %s:%d (%s); set "
+                "--rdzv-conf metrics_port=0 for a free port",
+                addr,
+                port,
+                error,
+            )
+            return
+        self.port = int(self._server.server_port)
+        log.info("etcd-rdzv metrics at http://%s:%d/metrics", addr, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _name(phase: Phase | str) -> str:
+    return phase.value if isinstance(phase, Phase) else phase
+
+
+def _outcome(phase: Phase, error: BaseException) -> str:
+    if phase is not Phase.RENDEZVOUS:
+        # Phases end in exceptions when the state moved on: the rendezvous starts over.
+        return "retry" if type(error).__name__ == "_StartOver" else "error"
+    name = type(error).__name__
+    if name == "RendezvousTimeoutError":
+        return "timeout"
+    if name == "RendezvousClosedError":
+        return "closed"
+    return "error"
+
+
+def _exemplar() -> dict[str, str] | None:
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return {"trace_id": trace.format_trace_id(context.trace_id)}
