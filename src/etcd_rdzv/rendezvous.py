@@ -174,23 +174,22 @@ class EtcdRendezvous:
         with self._observer.phase(Phase.SETUP, attempt=attempt + 1) as scope:
             entry, state = self._create_or_observe()
             scope.annotate(version=state.version, state=state.status.value)
+            if state.status in (Status.SETUP, Status.FROZEN):
+                # Another node's transition is under way: setup lasts until it ends.
+                self._await(
+                    (entry, state),
+                    Phase.SETUP,
+                    done=lambda s: False,
+                    still=lambda s: s.status is state.status and s.version == state.version,
+                    deadline=deadline,
+                )
         if state.status is Status.CLOSED:
             raise RendezvousClosedError(f"Rendezvous of run {self.config.run_id!r} is closed.")
-        if state.status is Status.JOINABLE:
-            assert state.version is not None
-            return self._take_part(state.version, (entry, state), deadline)
         if state.status is Status.FINAL:
             self._wait_next_version((entry, state), deadline)
             raise _StartOver(Phase.WAIT_NEXT_VERSION, "the final version ended")
-        # setup or frozen: somebody else's transition is under way.
-        self._await(
-            (entry, state),
-            Phase.SETUP,
-            done=lambda s: False,
-            still=lambda s: s.status is state.status and s.version == state.version,
-            deadline=deadline,
-        )
-        raise _StartOver(Phase.SETUP, f"state moved on from {state.status.value}")
+        assert state.status is Status.JOINABLE and state.version is not None
+        return self._take_part(state.version, (entry, state), deadline)
 
     def _take_part(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Membership:
         self._enter_version(version)
