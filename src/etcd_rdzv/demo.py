@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from etcd_rdzv.local_etcd import LocalEtcdError, start_local_etcd
+from etcd_rdzv.local_etcd import LocalEtcdError, free_loopback_ports, start_local_etcd
 from etcd_rdzv.logfiles import log_tail
 
 # etcd_rdzv.handler.BACKEND_NAME, not imported: this process needs no torch (slow to import),
@@ -41,6 +41,7 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 NODE_TAG_VARIABLE = "RDZV_NODE_TAG"
 RENDEZVOUS_EVENT = "torchelastic.worker.status.RENDEZVOUS"
 LOOPBACK = "127.0.0.1"
+TRACE_FILE_NAME = "traces.jsonl"
 
 DEFAULT_NODES = 3
 DEFAULT_NPROC_PER_NODE = 1
@@ -303,10 +304,11 @@ class DemoOptions:
 
 @dataclass(frozen=True)
 class Node:
-    """One simulated node: its agent and where its workers write results."""
+    """One simulated node: its agent, where its workers write results, its metrics port."""
 
     agent: TorchrunAgent
     results_dir: Path
+    metrics_port: int
 
 
 @dataclass(frozen=True)
@@ -410,7 +412,14 @@ def create_run_dir(out: Path | None, cwd: Path, now: datetime | None = None) -> 
 
 
 def start_node(
-    index: int, options: DemoOptions, *, endpoint: str, worker: Path, run_dir: Path, run_id: str
+    index: int,
+    options: DemoOptions,
+    *,
+    endpoint: str,
+    worker: Path,
+    run_dir: Path,
+    run_id: str,
+    metrics_port: int,
 ) -> Node:
     name = f"node-{index}"
     results_dir = run_dir / name
@@ -422,9 +431,16 @@ def start_node(
         nproc_per_node=options.nproc_per_node,
         worker=worker,
         worker_args=("--out", str(results_dir)),
-        rdzv_conf={"timeout": f"{DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS:g}"},
+        rdzv_conf={
+            "timeout": f"{DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS:g}",
+            "metrics_addr": LOOPBACK,
+            "metrics_port": str(metrics_port),
+            # Every agent appends its spans to one file: the run's traces, side by side.
+            "trace_file": str(run_dir / TRACE_FILE_NAME),
+        },
     )
-    return Node(TorchrunAgent.start(name, spec, run_dir / f"{name}.log"), results_dir)
+    agent = TorchrunAgent.start(name, spec, run_dir / f"{name}.log")
+    return Node(agent, results_dir, metrics_port)
 
 
 def collect_outcome(
@@ -501,8 +517,9 @@ def format_report(outcome: JobOutcome, run_dir: Path) -> str:
                 f"  | {line}" for line in log_tail(node.log_path, _LOG_TAIL_LINES).splitlines()
             )
     lines.append(
-        f"Logs and results in {run_dir}/: <node>.log per torchrun agent, <node>/ its "
-        "workers' results, etcd.log"
+        f"Logs and results in {run_dir}/: <node>.log per torchrun agent (JSON log events), "
+        f"<node>/ its workers' results, {TRACE_FILE_NAME} (every agent's spans, OTLP JSON "
+        "lines), etcd.log"
     )
     return "\n".join(lines)
 
@@ -548,7 +565,7 @@ def run_demo(options: DemoOptions, cwd: Path) -> int:
         nodes: list[Node] = []
         started = time.monotonic()
         try:
-            for index in range(options.nodes):
+            for index, port in enumerate(free_loopback_ports(options.nodes)):
                 nodes.append(
                     start_node(
                         index,
@@ -557,8 +574,16 @@ def run_demo(options: DemoOptions, cwd: Path) -> int:
                         worker=worker,
                         run_dir=run_dir,
                         run_id=run_id,
+                        metrics_port=port,
                     )
                 )
+            print(
+                "While the job runs, each agent serves Prometheus metrics: "
+                + ", ".join(
+                    f"{n.agent.name} http://{LOOPBACK}:{n.metrics_port}/metrics" for n in nodes
+                ),
+                flush=True,
+            )
             codes = wait_for_agents([node.agent for node in nodes], options.timeout)
         finally:
             # SIGKILL, not a graceful stop: etcd is thrown away next, so there is no

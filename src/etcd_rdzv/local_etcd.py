@@ -30,6 +30,7 @@ __all__ = [
     "LocalEtcdCluster",
     "LocalEtcdError",
     "find_etcd_binary",
+    "free_loopback_ports",
     "start_local_etcd",
     "start_local_etcd_cluster",
 ]
@@ -277,7 +278,7 @@ def start_local_etcd(
     log_path = data_dir / "etcd.log" if log_path is None else log_path
 
     for attempt in range(1, _PORT_ATTEMPTS + 1):
-        client_port, peer_port = _free_loopback_ports(2)
+        client_port, peer_port = free_loopback_ports(2)
         server = LocalEtcd(
             name=name,
             client_port=client_port,
@@ -333,7 +334,7 @@ def start_local_etcd_cluster(
     assert root is not None
 
     for attempt in range(1, _PORT_ATTEMPTS + 1):
-        ports = _free_loopback_ports(2 * size)
+        ports = free_loopback_ports(2 * size)
         names = [f"{name_prefix}-{index}" for index in range(size)]
         peer_ports = ports[size:]
         initial_cluster = ",".join(
@@ -419,7 +420,7 @@ def _etcd_command(
     return tuple(command)
 
 
-def _free_loopback_ports(count: int) -> list[int]:
+def free_loopback_ports(count: int) -> list[int]:
     """Ports the kernel reports free; all sockets stay open until all are picked, so no
     port is handed out twice."""
     sockets = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import etcd as python_etcd
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from tests.support.harness import ParticipantGroup, check_membership
 
 BACKEND = "etcd-rdzv"
@@ -231,13 +231,8 @@ def test_mixed_rendezvous_with_torch_etcd_backend(
 
 @pytest.fixture
 def unreachable_endpoint() -> Iterator[str]:
-    # A port nothing listens on: bind it, read it, release it.
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield f"127.0.0.1:{port}"
+    # A port the kernel just reported free: nothing listens there.
+    yield f"127.0.0.1:{free_loopback_ports(1)[0]}"
 
 
 def test_unreachable_etcd_is_a_clear_error_naming_the_endpoint(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from typing import Any
 import etcd as python_etcd
 from prometheus_client.parser import text_string_to_metric_families
 
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
@@ -25,12 +24,6 @@ def documented(section: str, pattern: str) -> set[str]:
     text = CONTRACT.read_text()
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return set(re.findall(rf"^\| `({pattern})` \|", body, flags=re.MULTILINE))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int) -> dict[str, list[Any]]:
@@ -74,7 +67,7 @@ def test_every_documented_span_and_metric_is_emitted(
     stale = {"status": "frozen", "version": "1", "participants": [0, 1], "keep_alives": []}
     client.write(f"{base}/active_version", json.dumps(stale), ttl=1)
 
-    ports = [free_port() for _ in range(3)]
+    ports = free_loopback_ports(3)
     conf = {"last_call_timeout": "1", "keep_alive_ttl": "1.5", "trace_file": str(trace_file)}
     with ParticipantGroup(
         tmp_path, endpoint=etcd.endpoint, run_id=run_id, min_nodes=2, max_nodes=3, conf=conf
@@ -146,7 +139,7 @@ def test_a_collector_that_is_down_changes_nothing(
     tmp_path: Path, etcd: LocalEtcd, run_id: str
 ) -> None:
     # Nothing listens there: every export fails, off the rendezvous threads.
-    collector = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    collector = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_loopback_ports(1)[0]}"}
     with ParticipantGroup(
         tmp_path, endpoint=etcd.endpoint, run_id=run_id, min_nodes=2, max_nodes=2
     ) as group:
