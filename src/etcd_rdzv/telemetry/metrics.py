@@ -15,6 +15,8 @@ from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from etcd_rdzv.telemetry.observer import Observer, Phase, PhaseScope
 
@@ -84,15 +86,8 @@ class RendezvousMetrics:
         self.nodes_waiting = gauge(
             "etcd_rdzv_nodes_waiting", "Nodes waiting to join the next version (final state)."
         )
-        self.phase = gauge(
-            "etcd_rdzv_phase",
-            f"1 for the phase this node is in now, 0 for the others ({IDLE_PHASE}: none).",
-            ["phase"],
-        )
-        self.phase_started = gauge(
-            "etcd_rdzv_phase_started_timestamp_seconds",
-            "Unix time at which this node entered its current phase.",
-        )
+        self.current_phase = CurrentPhase()
+        registry.register(self.current_phase)
         self.etcd_requests = counter(
             "etcd_rdzv_etcd_requests",
             "Requests to etcd, by operation and result.",
@@ -106,22 +101,58 @@ class RendezvousMetrics:
         )
 
 
+class CurrentPhase(Collector):
+    """`etcd_rdzv_phase` and `etcd_rdzv_phase_started_timestamp_seconds`, from one snapshot.
+
+    Separate gauges set one after the other could be scraped between two sets, showing no
+    phase or two at 1; a scrape here sees exactly one, with the time it began.
+    """
+
+    _PHASES = (*(phase.value for phase in Phase), IDLE_PHASE)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: dict[str, tuple[str, float]] = {}
+
+    def enter(self, run_id: str, phase: str) -> None:
+        with self._lock:
+            self._current[run_id] = (phase, time.time())
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            current = dict(self._current)
+        phases = GaugeMetricFamily(
+            "etcd_rdzv_phase",
+            f"1 for the phase this node is in now, 0 for the others ({IDLE_PHASE}: none).",
+            labels=["run_id", "phase"],
+        )
+        started = GaugeMetricFamily(
+            "etcd_rdzv_phase_started_timestamp_seconds",
+            "Unix time at which this node entered its current phase.",
+            labels=["run_id"],
+        )
+        for run_id, (phase, since) in current.items():
+            for name in self._PHASES:
+                phases.add_metric([run_id, name], 1.0 if name == phase else 0.0)
+            started.add_metric([run_id], since)
+        yield phases
+        yield started
+
+
 class MetricsObserver(Observer):
     def __init__(self, metrics: RendezvousMetrics, run_id: str) -> None:
         self._m = metrics
         self._run_id = run_id
         self._lock = threading.Lock()
         self._phases: list[Phase] = []
-        for phase in [*Phase, IDLE_PHASE]:
-            self._m.phase.labels(run_id, _name(phase)).set(0)
-        self._show_phase(IDLE_PHASE)
+        self._m.current_phase.enter(run_id, IDLE_PHASE)
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
         scope = _MetricsScope(self, attributes)
         with self._lock:
             self._phases.append(phase)
-            self._show_phase(phase)
+            self._m.current_phase.enter(self._run_id, phase.value)
         started = time.monotonic()
         outcome = "ok"
         try:
@@ -142,7 +173,8 @@ class MetricsObserver(Observer):
                 )
             with self._lock:
                 self._phases.remove(phase)
-                self._show_phase(self._phases[-1] if self._phases else IDLE_PHASE)
+                current = self._phases[-1].value if self._phases else IDLE_PHASE
+                self._m.current_phase.enter(self._run_id, current)
 
     def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
         with self._lock:
@@ -168,12 +200,6 @@ class MetricsObserver(Observer):
         self._m.etcd_requests.labels(self._run_id, operation, result).inc()
         if operation != "watch":
             self._m.etcd_request_duration.labels(self._run_id, operation).observe(seconds)
-
-    def _show_phase(self, phase: Phase | str) -> None:
-        """Must hold the lock: the gauge flips from one phase to the next atomically."""
-        for other in [*Phase, IDLE_PHASE]:
-            self._m.phase.labels(self._run_id, _name(other)).set(1 if other == phase else 0)
-        self._m.phase_started.labels(self._run_id).set(time.time())
 
     def _membership(self, rank: int, world_size: int) -> None:
         self._m.rank.labels(self._run_id).set(rank)
