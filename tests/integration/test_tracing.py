@@ -10,7 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import etcd as python_etcd
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from torch.distributed.elastic.rendezvous import RendezvousParameters, RendezvousTimeoutError
@@ -18,6 +23,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters, Rendezvou
 from etcd_rdzv.handler import EtcdRdzvHandler, create_handler
 from etcd_rdzv.local_etcd import LocalEtcd
 from etcd_rdzv.telemetry import FanOut
+from etcd_rdzv.telemetry.export import shutdown_provider
 from etcd_rdzv.telemetry.tracing import TracingObserver
 
 PHASES_OF_A_MEMBER = {
@@ -205,3 +211,21 @@ def test_telemetry_that_raises_changes_nothing(etcd: LocalEtcd, run_id: str) -> 
     for thread in threads:
         thread.join(60)
     assert sorted(results.values()) == [0, 1]
+
+
+def test_an_exporter_that_raises_changes_nothing(etcd: LocalEtcd, run_id: str) -> None:
+    exported: list[int] = []
+
+    class Raising(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            exported.append(len(spans))
+            raise ConnectionError("the collector fell over")
+
+    provider = TracerProvider()
+    # The processor production uses: exports happen on its own thread, never the protocol's.
+    provider.add_span_processor(BatchSpanProcessor(Raising()))
+    nodes = handlers(etcd, provider, run_id, 2)
+    rendezvous_all(nodes)
+    shutdown_provider(provider)
+    assert sum(exported) > 0  # the exporter really was called, and raised
+    assert all(node.num_nodes_waiting() == 0 for node in nodes)
