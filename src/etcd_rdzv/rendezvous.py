@@ -83,11 +83,10 @@ class RunPaths:
 class _StartOver(Exception):
     """The state moved on under this phase: start again from setup."""
 
-    def __init__(self, phase: Phase, reason: str, back_off: bool = False) -> None:
+    def __init__(self, phase: Phase, reason: str) -> None:
         super().__init__(reason)
         self.phase = phase
         self.reason = reason
-        self.back_off = back_off
 
 
 Snapshot = tuple[Entry, RendezvousState]
@@ -146,9 +145,9 @@ class EtcdRendezvous:
                 except _StartOver as start_over:
                     attempt += 1
                     last_problem = start_over.reason
+                    # No pause: a phase starts over only on a state that changed under it,
+                    # so the next attempt acts on new state or waits on a watch.
                     self._observer.retry(start_over.phase, start_over.reason, attempt)
-                    if start_over.back_off:
-                        CAS_BACKOFF.sleep(attempt, deadline)
                     continue
                 except (EtcdUnavailableError, OutcomeUnknown) as error:
                     attempt += 1
