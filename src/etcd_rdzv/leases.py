@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from etcd_rdzv.kv import KeyNotFound, KeyValue, KvError
+from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.telemetry import Observer
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ class KeepAlive:
                 self._observer.lease_refresh(self.kind, False, time.monotonic() - started)
                 log.warning("keep-alive key %s is gone; stopping its refresher", self.key)
                 return
-            except KvError as error:
+            except Exception as error:
+                # Whatever failed (etcd unreachable, a refused request), keep trying until the
+                # owner stops us: a refresher that died would let the key expire unseen.
                 self._observer.lease_refresh(self.kind, False, time.monotonic() - started)
                 log.warning("keep-alive refresh of %s failed: %s", self.key, error)
                 continue

@@ -81,12 +81,16 @@ class RunPaths:
 
 
 class _StartOver(Exception):
-    """The state moved on under this phase: start again from setup."""
+    """The state moved on under this phase: start again from setup.
 
-    def __init__(self, phase: Phase, reason: str) -> None:
-        super().__init__(reason)
+    `reason` is one of a few fixed codes (a metric label); `detail` says it for people.
+    """
+
+    def __init__(self, phase: Phase, reason: str, detail: str) -> None:
+        super().__init__(detail)
         self.phase = phase
         self.reason = reason
+        self.detail = detail
 
 
 Snapshot = tuple[Entry, RendezvousState]
@@ -144,15 +148,17 @@ class EtcdRendezvous:
                     membership = self._attempt(deadline, attempt)
                 except _StartOver as start_over:
                     attempt += 1
-                    last_problem = start_over.reason
+                    last_problem = start_over.detail
                     # No pause: a phase starts over only on a state that changed under it,
                     # so the next attempt acts on new state or waits on a watch.
-                    self._observer.retry(start_over.phase, start_over.reason, attempt)
+                    self._observer.retry(
+                        start_over.phase, start_over.reason, attempt, start_over.detail
+                    )
                     continue
                 except (EtcdUnavailableError, OutcomeUnknown) as error:
                     attempt += 1
                     last_problem = f"etcd error: {error}"
-                    self._observer.retry(None, "etcd_unavailable", attempt)
+                    self._observer.retry(None, "etcd_unavailable", attempt, str(error))
                     log.warning("rendezvous attempt failed, retrying: %s", error)
                     TRANSIENT_BACKOFF.sleep(min(attempt, 8), deadline)
                     continue
@@ -186,7 +192,7 @@ class EtcdRendezvous:
             raise RendezvousClosedError(f"Rendezvous of run {self.config.run_id!r} is closed.")
         if state.status is Status.FINAL:
             self._wait_next_version((entry, state), deadline)
-            raise _StartOver(Phase.WAIT_NEXT_VERSION, "the final version ended")
+            raise _StartOver(Phase.WAIT_NEXT_VERSION, "version_ended", "the final version ended")
         assert state.status is Status.JOINABLE and state.version is not None
         return self._take_part(state.version, (entry, state), deadline)
 
@@ -240,7 +246,7 @@ class EtcdRendezvous:
             )
         except CompareFailed:
             # The placeholder expired or the run was closed meanwhile.
-            raise _StartOver(Phase.SETUP, "setup placeholder replaced") from None
+            raise _StartOver(Phase.SETUP, "setup_replaced", "setup placeholder replaced") from None
         self._see(opened, made=True)
         log.info("opened rendezvous version %d of run %s", version, self.config.run_id)
         return entry, opened
@@ -251,7 +257,9 @@ class EtcdRendezvous:
         entry, state = snapshot
         for attempt in range(CAS_BACKOFF.max_attempts):
             if not state.is_version(Status.JOINABLE, version):
-                raise _StartOver(Phase.JOIN, f"version {version} stopped being joinable")
+                raise _StartOver(
+                    Phase.JOIN, "state_moved_on", f"version {version} stopped being joinable"
+                )
             joined = protocol.join(state, self.config.min_nodes, self.config.max_nodes)
             try:
                 entry = self._kv.compare_and_swap(
@@ -268,7 +276,7 @@ class EtcdRendezvous:
                 continue
             self._see(joined.state, made=True)
             return joined, (entry, joined.state)
-        raise _StartOver(Phase.JOIN, "too many lost compare-and-swaps")
+        raise _StartOver(Phase.JOIN, "cas_exhausted", "too many lost compare-and-swaps")
 
     def _hold_last_call(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Snapshot:
         """Keep the version joinable for last_call_timeout more seconds, then freeze it.
@@ -284,9 +292,11 @@ class EtcdRendezvous:
             if state.is_version(Status.FROZEN, version):
                 return entry, state
             if not state.is_version(Status.JOINABLE, version):
-                raise _StartOver(Phase.LAST_CALL, f"version {version} changed during last call")
+                raise _StartOver(
+                    Phase.LAST_CALL, "state_moved_on", f"version {version} changed during last call"
+                )
             if deadline.expired():
-                raise _StartOver(Phase.LAST_CALL, "deadline passed during last call")
+                raise _StartOver(Phase.LAST_CALL, "deadline", "deadline passed during last call")
             try:
                 if window.expired():
                     frozen = protocol.freeze(state)
@@ -309,7 +319,7 @@ class EtcdRendezvous:
                 continue
             wait = deadline.bound(min(window.remaining(), refreshed.remaining()))
             entry, state = self._next_state((entry, state), Phase.LAST_CALL, wait)
-        raise _StartOver(Phase.LAST_CALL, "too many lost compare-and-swaps")
+        raise _StartOver(Phase.LAST_CALL, "cas_exhausted", "too many lost compare-and-swaps")
 
     def _confirm(self, version: int, rank: int, deadline: Deadline) -> Snapshot:
         key = self.paths.keep_alive(version, rank)
@@ -321,7 +331,9 @@ class EtcdRendezvous:
                 # An earlier compare-and-swap of ours applied though its answer was lost.
                 return entry, state
             if not state.is_version(Status.FROZEN, version):
-                raise _StartOver(Phase.CONFIRM, f"version {version} stopped being frozen")
+                raise _StartOver(
+                    Phase.CONFIRM, "state_moved_on", f"version {version} stopped being frozen"
+                )
             confirmed = protocol.confirm(state, key)
             try:
                 entry = self._kv.compare_and_swap(
@@ -337,7 +349,7 @@ class EtcdRendezvous:
                 continue
             self._see(confirmed.state, made=True)
             return entry, confirmed.state
-        raise _StartOver(Phase.CONFIRM, "too many lost compare-and-swaps")
+        raise _StartOver(Phase.CONFIRM, "cas_exhausted", "too many lost compare-and-swaps")
 
     def _wait_next_version(self, snapshot: Snapshot, deadline: Deadline) -> None:
         """A final version exists: count ourselves waiting, then wait for it to end.
@@ -409,7 +421,9 @@ class EtcdRendezvous:
                 self._observer.retry(Phase.WAIT_NEXT_VERSION, "compare_failed", attempt + 1)
                 CAS_BACKOFF.sleep(attempt, deadline)
                 entry, state = self._read_state(Phase.WAIT_NEXT_VERSION)
-        raise _StartOver(Phase.WAIT_NEXT_VERSION, "too many lost compare-and-swaps")
+        raise _StartOver(
+            Phase.WAIT_NEXT_VERSION, "cas_exhausted", "too many lost compare-and-swaps"
+        )
 
     # --- closing and queries -----------------------------------------------------------------
 
@@ -461,9 +475,11 @@ class EtcdRendezvous:
         entry, state = snapshot
         while not done(state):
             if not still(state):
-                raise _StartOver(phase, f"state became {_describe(state)}")
+                raise _StartOver(phase, "state_moved_on", f"state became {_describe(state)}")
             if deadline.expired():
-                raise _StartOver(phase, f"deadline passed in {phase.value} at {_describe(state)}")
+                raise _StartOver(
+                    phase, "deadline", f"deadline passed in {phase.value} at {_describe(state)}"
+                )
             entry, state = self._next_state((entry, state), phase, deadline.remaining())
         return entry, state
 
@@ -475,14 +491,14 @@ class EtcdRendezvous:
             return self._read_state(phase) if timeout > 0 else snapshot
         new_entry = change.entry()
         if new_entry is None:
-            raise _StartOver(phase, "state expired or was deleted")
+            raise _StartOver(phase, "state_gone", "state expired or was deleted")
         return new_entry, self._decode(new_entry)
 
     def _read_state(self, phase: Phase) -> Snapshot:
         try:
             entry = self._kv.get(self.paths.active_version)
         except KeyNotFound:
-            raise _StartOver(phase, "no active version") from None
+            raise _StartOver(phase, "state_gone", "no active version") from None
         return entry, self._decode(entry)
 
     def _decode(self, entry: Entry) -> RendezvousState:
@@ -543,7 +559,7 @@ class EtcdRendezvous:
                 return version
             except CompareFailed:
                 continue
-        raise _StartOver(Phase.SETUP, "version counter kept changing")
+        raise _StartOver(Phase.SETUP, "cas_exhausted", "version counter kept changing")
 
     def _ttl(self, lifetime: Lifetime) -> float | None:
         ttls = self.config.ttls

@@ -108,9 +108,15 @@ class LoggingObserver(Observer):
         elif phase is Phase.RENDEZVOUS:
             self._log.info("rendezvous_completed", seconds=seconds, **scope.fields)
 
-    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
+    def retry(
+        self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
+    ) -> None:
         self._log.info(
-            "retry", phase=phase.value if phase else None, reason=reason, attempt=attempt
+            "retry",
+            phase=phase.value if phase else None,
+            reason=reason,
+            attempt=attempt,
+            detail=detail,
         )
 
     def transition(

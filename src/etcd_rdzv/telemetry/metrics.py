@@ -146,6 +146,13 @@ class MetricsObserver(Observer):
         self._lock = threading.Lock()
         self._phases: list[Phase] = []
         self._m.current_phase.enter(run_id, IDLE_PHASE)
+        # Series that exist from the start at 0, so rate() and increase() see the first
+        # failure instead of a series appearing out of nowhere.
+        for outcome in ("ok", "timeout", "closed", "error"):
+            self._m.rendezvous_duration.labels(run_id, outcome)
+        for kind in ("rank", "run"):
+            for result in ("ok", "failed"):
+                self._m.lease_refreshes.labels(run_id, kind, result)
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
@@ -176,10 +183,11 @@ class MetricsObserver(Observer):
                 current = self._phases[-1].value if self._phases else IDLE_PHASE
                 self._m.current_phase.enter(self._run_id, current)
 
-    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
-        with self._lock:
-            current = phase or (self._phases[-1] if self._phases else None)
-        self._m.retries.labels(self._run_id, _name(current or "etcd"), reason).inc()
+    def retry(
+        self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
+    ) -> None:
+        # Without a phase the retry comes from the etcd transport, on whichever thread.
+        self._m.retries.labels(self._run_id, phase.value if phase else "etcd", reason).inc()
 
     def transition(
         self, version: int | None, before: str | None, after: str, participants: int, made: bool
@@ -194,12 +202,14 @@ class MetricsObserver(Observer):
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
         self._m.lease_refreshes.labels(self._run_id, kind, "ok" if ok else "failed").inc()
-        self._m.lease_refresh_duration.labels(self._run_id, kind).observe(seconds)
+        self._m.lease_refresh_duration.labels(self._run_id, kind).observe(seconds, _exemplar())
 
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         self._m.etcd_requests.labels(self._run_id, operation, result).inc()
         if operation != "watch":
-            self._m.etcd_request_duration.labels(self._run_id, operation).observe(seconds)
+            self._m.etcd_request_duration.labels(self._run_id, operation).observe(
+                seconds, _exemplar()
+            )
 
     def _membership(self, rank: int, world_size: int) -> None:
         self._m.rank.labels(self._run_id).set(rank)
@@ -248,10 +258,6 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-def _name(phase: Phase | str) -> str:
-    return phase.value if isinstance(phase, Phase) else phase
 
 
 def _outcome(phase: Phase, error: BaseException) -> str:

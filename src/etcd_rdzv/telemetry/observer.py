@@ -51,9 +51,12 @@ class Observer:
         """Wraps one phase; an exception leaving it ends the phase (retry, timeout, error)."""
         yield _NOOP_SCOPE
 
-    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
+    def retry(
+        self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
+    ) -> None:
         """A phase starts over (a lost compare-and-swap, a state that moved on, an etcd error).
 
+        `reason` is a short fixed code, fit for a metric label; `detail` says it for people.
         `phase` is None where the caller does not know it (the etcd transport).
         """
 
@@ -108,8 +111,10 @@ class FanOut(Observer):
                     scopes.append(scope)
             yield _FanOutScope(scopes, self._failed)
 
-    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
-        self._each("retry", lambda o: o.retry(phase, reason, attempt))
+    def retry(
+        self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
+    ) -> None:
+        self._each("retry", lambda o: o.retry(phase, reason, attempt, detail))
 
     def transition(
         self, version: int | None, before: str | None, after: str, participants: int, made: bool

@@ -84,10 +84,14 @@ class TracingObserver(Observer):
                     with self._lock:
                         self._rendezvous_span = None
 
-    def retry(self, phase: Phase | None, reason: str, attempt: int) -> None:
+    def retry(
+        self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
+    ) -> None:
         attributes: dict[str, Any] = {"rdzv.reason": reason, "rdzv.attempt": attempt}
         if phase is not None:
             attributes["rdzv.phase"] = phase.value
+        if detail:
+            attributes["rdzv.detail"] = detail
         trace.get_current_span().add_event("retry", attributes)
 
     def transition(

@@ -1,0 +1,56 @@
+"""Keep-alive refreshers against a real etcd that stops answering for a while."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from etcd_rdzv.config import parse_endpoints
+from etcd_rdzv.kv.etcd_v2 import EtcdV2
+from etcd_rdzv.leases import KeepAlive
+from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv.telemetry import Observer
+from tests.conftest import EtcdFactory
+
+
+class RefreshLog(Observer):
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
+        self.results.append(ok)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.05)
+
+
+def test_refresher_survives_an_etcd_that_stops_answering(etcd_factory: EtcdFactory) -> None:
+    server: LocalEtcd = etcd_factory()
+    refreshes = RefreshLog()
+    kv = EtcdV2(parse_endpoints(server.endpoint), request_timeout=0.5, observer=refreshes)
+    kv.put("/lease-test/rank_0", "me", ttl=30)
+    keep_alive = KeepAlive(kv, "/lease-test/rank_0", ttl=0.9, kind="rank", observer=refreshes)
+    keep_alive.start()
+    try:
+        wait_until("a first refresh", lambda: True in refreshes.results, timeout=10)
+        server.pause()
+        try:
+            wait_until("a failed refresh", lambda: False in refreshes.results, timeout=10)
+            assert keep_alive.running, "the refresher died instead of retrying"
+        finally:
+            server.resume()
+        failures = len(refreshes.results)
+        wait_until(
+            "a refresh after etcd came back",
+            lambda: True in refreshes.results[failures:],
+            timeout=10,
+        )
+        assert keep_alive.running
+    finally:
+        keep_alive.stop()
+        kv.close()
+    assert not keep_alive.running
