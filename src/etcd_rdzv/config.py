@@ -27,6 +27,7 @@ DEFAULT_TIMEOUT_SECONDS = 600.0
 DEFAULT_LAST_CALL_TIMEOUT_SECONDS = 30.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10.0
 DEFAULT_METRICS_PORT = 9401
+DEFAULT_PROGRESS_INTERVAL_SECONDS = 30.0
 DEFAULT_METRICS_ADDR = "0.0.0.0"
 _DISABLED = frozenset({"off", "none", "disabled", "false", "no"})
 
@@ -95,6 +96,8 @@ class TelemetryConfig:
     trace_file: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+    # Seconds between `rendezvous_waiting` log events while a rendezvous lasts; None: never.
+    progress_interval: float | None = DEFAULT_PROGRESS_INTERVAL_SECONDS
 
     @classmethod
     def from_settings(cls, conf: Mapping[str, Any], environ: Mapping[str, str]) -> TelemetryConfig:
@@ -115,6 +118,7 @@ class TelemetryConfig:
             trace_file=Path(str(trace_file)) if trace_file else None,
             log_format=log_format,  # type: ignore[arg-type]
             log_level=log_level,
+            progress_interval=_progress_interval(setting("progress_interval")),
         )
 
 
@@ -191,7 +195,7 @@ class RendezvousConfig:
 KNOWN_KEYS = frozenset(
     {"timeout", "last_call_timeout", "etcd_prefix", "protocol", "cacert", "cert", "key",
      "keep_alive_ttl", "request_timeout", "metrics_port", "metrics_addr", "trace_file",
-     "log_format", "log_level"}
+     "log_format", "log_level", "progress_interval"}
 )  # fmt: skip
 
 
@@ -249,6 +253,14 @@ def _seconds(conf: Mapping[str, Any], key: str, default: float) -> float:
         ) from None
     _check_positive(key, seconds)
     return seconds
+
+
+def _progress_interval(value: object) -> float | None:
+    if value is None or value == "":
+        return DEFAULT_PROGRESS_INTERVAL_SECONDS
+    if str(value).strip().lower() in _DISABLED:
+        return None
+    return _seconds({"progress_interval": value}, "progress_interval", 0)
 
 
 def _metrics_port(value: object) -> int | None:

@@ -507,6 +507,7 @@ class EtcdRendezvous:
         return state
 
     def _see(self, state: RendezvousState, made: bool = False) -> None:
+        self._observer.state_seen(state.version, state.status.value, state.world_size)
         now = (state.version, state.status.value)
         before = self._last_seen
         if before != now:

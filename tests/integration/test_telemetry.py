@@ -147,3 +147,28 @@ def test_a_collector_that_is_down_changes_nothing(
         check_membership(group.rendezvous_all(60))
         # Shutdown flushes spans to the absent collector: bounded, and it still succeeds.
         assert all(node.request({"cmd": "shutdown"}, 15)["value"] is True for node in nodes)
+
+
+def test_a_waiting_agent_says_where_it_waits_at_a_steady_interval(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    conf = {"timeout": "3", "progress_interval": "0.5"}
+    with ParticipantGroup(
+        tmp_path, endpoint=etcd.endpoint, run_id=run_id, min_nodes=2, max_nodes=2, conf=conf
+    ) as group:
+        (alone,) = group.start(1, backend="etcd-rdzv")
+        alone.send({"cmd": "rendezvous"})
+        assert alone.expect("error", 30)["type"] == "RendezvousTimeoutError"
+        events = events_of(alone)
+
+    waiting = [event for event in events if event.get("event") == "rendezvous_waiting"]
+    assert len(waiting) >= 3, waiting
+    for event in waiting:
+        assert event["phase"] == "frozen_wait" and event["version"] == 1, event
+        assert (event["participants"], event["min_nodes"]) == (1, 2), event
+        assert event["run_id"] == run_id
+    elapsed = [event["seconds"] for event in waiting]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0]
+    # It stops with the rendezvous: none after the timeout was reported.
+    timeout_at = next(i for i, e in enumerate(events) if e.get("event") == "rendezvous_timeout")
+    assert all(e.get("event") != "rendezvous_waiting" for e in events[timeout_at:])

@@ -75,5 +75,13 @@ def build_telemetry(config: RendezvousConfig) -> Telemetry:
         registry = CollectorRegistry()
         observers.append(MetricsObserver(RendezvousMetrics(registry), config.run_id))
         server = MetricsServer(registry, settings.metrics_addr, settings.metrics_port)
-    observers.append(LoggingObserver(config.run_id, node))
+    observers.append(
+        LoggingObserver(
+            config.run_id,
+            node,
+            min_nodes=config.min_nodes,
+            max_nodes=config.max_nodes,
+            progress_interval=settings.progress_interval,
+        )
+    )
     return Telemetry(observers, metrics_server=server, tracer_provider=provider)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -86,8 +87,17 @@ def event_logger(run_id: str, node: str) -> Any:
 
 
 class LoggingObserver(Observer):
-    def __init__(self, run_id: str, node: str) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        node: str,
+        *,
+        min_nodes: int | None = None,
+        max_nodes: int | None = None,
+        progress_interval: float | None = None,
+    ) -> None:
         self._log = event_logger(run_id, node)
+        self._progress = _Progress(self._log, min_nodes, max_nodes, progress_interval)
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
@@ -95,11 +105,14 @@ class LoggingObserver(Observer):
         started = time.monotonic()
         if phase is Phase.LAST_CALL:
             self._log.info("last_call_started", **scope.fields)
+        self._progress.enter(phase, scope)
         try:
             yield scope
         except BaseException as error:
             self._phase_failed(phase, scope, error, time.monotonic() - started)
             raise
+        finally:
+            self._progress.leave(phase)
         seconds = round(time.monotonic() - started, 6)
         if phase is Phase.JOIN:
             self._log.info("joined", seconds=seconds, **scope.fields)
@@ -129,6 +142,9 @@ class LoggingObserver(Observer):
         elif made and after == "closed":
             self._log.info("rendezvous_closed", **fields)
 
+    def state_seen(self, version: int | None, status: str, participants: int) -> None:
+        self._progress.participants = participants
+
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
         if not ok:
             self._log.warning("keep_alive_refresh_failed", kind=kind, seconds=round(seconds, 6))
@@ -144,6 +160,59 @@ class LoggingObserver(Observer):
             "RendezvousClosedError": "rendezvous_rejected_closed",
         }.get(name, "rendezvous_failed")
         self._log.error(event, seconds=round(seconds, 6), error=f"{name}: {error}", **scope.fields)
+
+
+class _Progress:
+    """While a rendezvous lasts, a `rendezvous_waiting` event every `interval` seconds.
+
+    A stuck agent's log then says where it waits and for whom, not only that it started.
+    """
+
+    def __init__(
+        self, log: Any, min_nodes: int | None, max_nodes: int | None, interval: float | None
+    ) -> None:
+        self._log = log
+        self._needed = {"min_nodes": min_nodes, "max_nodes": max_nodes}
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._phases: list[tuple[Phase, _LogScope, float]] = []
+        self._stopped = threading.Event()
+        self.participants: int | None = None
+
+    def enter(self, phase: Phase, scope: _LogScope) -> None:
+        with self._lock:
+            self._phases.append((phase, scope, time.monotonic()))
+        if phase is Phase.RENDEZVOUS and self._interval:
+            self._stopped = threading.Event()
+            threading.Thread(
+                target=self._report, args=(self._stopped,), name="etcd-rdzv-progress", daemon=True
+            ).start()
+
+    def leave(self, phase: Phase) -> None:
+        with self._lock:
+            self._phases = [entry for entry in self._phases if entry[0] is not phase]
+        if phase is Phase.RENDEZVOUS:
+            self._stopped.set()
+
+    def _report(self, stopped: threading.Event) -> None:
+        assert self._interval is not None
+        while not stopped.wait(self._interval):
+            with self._lock:
+                if not self._phases:
+                    continue
+                _, _, began = self._phases[0]
+                phase, scope, since = self._phases[-1]
+                fields = dict(scope.fields)
+            now = time.monotonic()
+            # The state read last, not the phase's start: joins since then count.
+            fields["participants"] = self.participants
+            self._log.info(
+                "rendezvous_waiting",
+                **{**fields, "phase": phase.value},
+                **{k: v for k, v in self._needed.items() if v is not None},
+                phase_seconds=round(now - since, 1),
+                seconds=round(now - began, 1),
+            )
 
 
 class _LogScope(PhaseScope):

@@ -193,6 +193,8 @@ class MetricsObserver(Observer):
         self, version: int | None, before: str | None, after: str, participants: int, made: bool
     ) -> None:
         self._m.transitions.labels(self._run_id, before or "none", after).inc()
+
+    def state_seen(self, version: int | None, status: str, participants: int) -> None:
         if version is not None:
             self._m.version.labels(self._run_id).set(version)
         self._m.participants.labels(self._run_id).set(participants)

@@ -65,6 +65,9 @@ class Observer:
     ) -> None:
         """The state went from `before` to `after`: written by this node (`made`) or seen."""
 
+    def state_seen(self, version: int | None, status: str, participants: int) -> None:
+        """Every state this node read or wrote, changed or not (joins show here)."""
+
     def nodes_waiting(self, count: int) -> None:
         """The number of nodes waiting for this node's version to end, as last read."""
 
@@ -120,6 +123,9 @@ class FanOut(Observer):
         self, version: int | None, before: str | None, after: str, participants: int, made: bool
     ) -> None:
         self._each("transition", lambda o: o.transition(version, before, after, participants, made))
+
+    def state_seen(self, version: int | None, status: str, participants: int) -> None:
+        self._each("state_seen", lambda o: o.state_seen(version, status, participants))
 
     def nodes_waiting(self, count: int) -> None:
         self._each("nodes_waiting", lambda o: o.nodes_waiting(count))
