@@ -171,7 +171,7 @@ class RendezvousConfig:
         conf: Mapping[str, Any] = params.config
         _warn_unknown_keys(conf)
         protocol = _protocol(conf.get("protocol"))
-        tls = _tls_files(conf, protocol)
+        tls = load_tls_files(conf, protocol)
         ttls = ProtocolTtls(keep_alive=_seconds(conf, "keep_alive_ttl", ProtocolTtls.keep_alive))
         return cls(
             run_id=str(params.run_id),
@@ -210,7 +210,7 @@ def parse_endpoints(text: str) -> tuple[EtcdEndpoint, ...]:
             if item.startswith(scheme):
                 raise ConfigurationError(
                     f"Endpoint {item!r}: give HOST:PORT without a scheme; "
-                    "choose TLS with --rdzv-conf protocol=https."
+                    "TLS is chosen with the protocol setting (https)."
                 )
         match = _ENDPOINT_PATTERN.match(item)
         if not match:
@@ -287,7 +287,8 @@ def _protocol(value: object) -> Protocol:
     raise ConfigurationError(f"--rdzv-conf protocol={value!r}: use 'http' or 'https'.")
 
 
-def _tls_files(conf: Mapping[str, Any], protocol: Protocol) -> TlsFiles:
+def load_tls_files(conf: Mapping[str, Any], protocol: Protocol) -> TlsFiles:
+    """The TLS files named in `conf` (cacert, cert, key), checked to exist and to load."""
     paths = {name: Path(str(conf[name])) for name in ("cacert", "cert", "key") if conf.get(name)}
     if paths and protocol != "https":
         raise ConfigurationError(

@@ -42,6 +42,7 @@ NODE_TAG_VARIABLE = "RDZV_NODE_TAG"
 RENDEZVOUS_EVENT = "torchelastic.worker.status.RENDEZVOUS"
 LOOPBACK = "127.0.0.1"
 TRACE_FILE_NAME = "traces.jsonl"
+TIMELINE_FILE_NAME = "timeline.png"
 
 DEFAULT_NODES = 3
 DEFAULT_NPROC_PER_NODE = 1
@@ -593,7 +594,22 @@ def run_demo(options: DemoOptions, cwd: Path) -> int:
         seconds = time.monotonic() - started
     outcome = collect_outcome(nodes, codes, options, seconds)
     print(format_report(outcome, _shown(run_dir, cwd)), flush=True)
+    analyze_run(run_dir, run_id, cwd)
     return 0 if outcome.ok else 1
+
+
+def analyze_run(run_dir: Path, run_id: str, cwd: Path) -> None:
+    """What `etcd-rdzv analyze` says of this run's traces, and its timeline picture."""
+    trace_file = run_dir / TRACE_FILE_NAME
+    if not trace_file.is_file():
+        print(f"No traces were written to {_shown(trace_file, cwd)}: nothing to analyze.")
+        return
+    from etcd_rdzv.cli import main as etcd_rdzv_command
+
+    timeline = run_dir / TIMELINE_FILE_NAME
+    shown = f"{_shown(trace_file, cwd)} --run-id {run_id} --plot {_shown(timeline, cwd)}"
+    print(f"\n$ etcd-rdzv analyze {shown}", flush=True)
+    etcd_rdzv_command(["analyze", str(trace_file), "--run-id", run_id, "--plot", str(timeline)])
 
 
 class _SigtermAsInterrupt:

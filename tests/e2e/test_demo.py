@@ -122,9 +122,14 @@ def test_demo_runs_a_two_node_job_and_reports_every_node(demo: DemoRunner, tmp_p
         assert match is not None
         assert match.group(3) == "2", run
         assert re.match(r"sum 3 \(expected 3\) OK, rendezvous \d+\.\d\d s$", match.group(4)), run
-    for name in ("node-0.log", "node-1.log", "etcd.log"):
+    for name in ("node-0.log", "node-1.log", "etcd.log", "traces.jsonl"):
         assert (out / name).is_file(), f"{name} missing in {sorted(os.listdir(out))}"
     assert str(out) in run.stdout, run
+    # The metrics of every agent were announced, and the run ends with its own analysis.
+    assert len(re.findall(r"http://127\.0\.0\.1:\d+/metrics", run.stdout)) == 2, run
+    assert "$ etcd-rdzv analyze" in run.stdout, run
+    assert re.search(r"version 1: \d+\.\d+ s, complete, 2 node\(s\)", run.stdout), run
+    assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert demo.leftovers() == set(), f"processes left running by the demo\n{run}"
 
 

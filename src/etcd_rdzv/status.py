@@ -1,0 +1,539 @@
+"""`etcd-rdzv status`: what one run's rendezvous looks like in etcd right now, and why.
+
+Read-only: it only gets, lists and watches keys under `<prefix>/run_<id>/rdzv`, never writes.
+
+Exit codes:
+    0  the state was shown (whatever it is; `--watch` ended by its timeout or Ctrl-C)
+    2  bad arguments or configuration (malformed endpoint, TLS files), or a corrupt state key
+    3  no keys at all for this run under the prefix (unknown run id, or wrong --prefix)
+    4  etcd unreachable within --timeout, or it refused the request
+
+The diagnosis is a pure function of what was read (`diagnose`), so it is tested without etcd.
+etcd's v2 API keeps no timestamps, so how long the run has been in its state is only known
+from the moment `--watch` saw it change; keep-alive TTLs are not read (see `RankView`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from etcd_rdzv.config import (
+    DEFAULT_PREFIX,
+    RendezvousConfig,
+    normalize_prefix,
+    parse_endpoints,
+)
+from etcd_rdzv.errors import (
+    ConfigurationError,
+    CorruptStateError,
+    EtcdRejectedError,
+    EtcdUnavailableError,
+)
+from etcd_rdzv.kv.base import KeyNotFound, KeyValue
+from etcd_rdzv.protocol import RendezvousState, Status, missing_keep_alives
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_UNKNOWN_RUN = 3
+EXIT_ETCD = 4
+
+DEFAULT_REQUEST_TIMEOUT = 5.0
+# Without --watch-timeout a watch is re-issued this often; an idle run costs one request each.
+_WATCH_CHUNK_SECONDS = 60.0
+_RANK_KEY = re.compile(r"/rank_(\d+)$")
+
+
+# --- what was read ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What an etcd-rdzv node writes into its keep-alive key; torch's nodes write none."""
+
+    host: str | None
+    addr: str | None
+    pid: int | None
+
+    @classmethod
+    def parse(cls, raw: str) -> NodeIdentity | None:
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(document, dict):
+            return None
+        pid = document.get("pid")
+        return cls(
+            host=_optional_str(document.get("host")),
+            addr=_optional_str(document.get("addr")),
+            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+        )
+
+    def describe(self) -> str:
+        where = self.host or self.addr or "an unknown host"
+        return f"{where} (pid {self.pid})" if self.pid is not None else where
+
+
+@dataclass(frozen=True)
+class RankView:
+    """One rank of the active version.
+
+    `keep_alive` says whether its TTL key exists now; the remaining TTL is not shown because
+    the KeyValue interface does not return TTLs.
+    """
+
+    rank: int
+    keep_alive_key: str
+    keep_alive: bool
+    confirmed: bool | None  # None: the state has no keep_alives list yet (joinable)
+    identity: NodeIdentity | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    run_id: str
+    prefix: str
+    run_path: str
+    state: RendezvousState | None
+    version_counter: int | None
+    ranks: tuple[RankView, ...]
+    # A watch after this revision misses nothing that happened since the reads.
+    revision: int
+
+
+def rank_of(key: str) -> int | None:
+    match = _RANK_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
+# --- the diagnosis (pure) --------------------------------------------------------------------
+
+
+def diagnose(
+    state: RendezvousState | None,
+    live_keep_alive_keys: Iterable[str],
+    identities: Mapping[int, NodeIdentity],
+    min_nodes: int | None = None,
+    *,
+    max_nodes: int | None = None,
+    version_counter: int | None = None,
+) -> str:
+    """One line in plain words: what the run is doing and what it waits for.
+
+    `live_keep_alive_keys` are the `v_N/rank_R` keys that exist now; `identities` are the
+    node identities read from them, by rank.
+    """
+    live = set(live_keep_alive_keys)
+    if state is None:
+        if version_counter:
+            return (
+                f"no rendezvous state: version {version_counter} expired or was torn down; "
+                "the next node to join opens a new version"
+            )
+        return "no rendezvous state: nobody has joined yet"
+    if state.status is Status.SETUP:
+        return "setup: a node is opening a new version; joiners wait for it"
+    if state.status is Status.CLOSED:
+        return "closed: no node can join"
+    n = state.world_size
+    if state.status is Status.JOINABLE:
+        bounds = _bounds(min_nodes, max_nodes)
+        head = f"joinable with {_count(n, 'participant')} ({bounds})"
+        if min_nodes is None:
+            return f"{head}: waiting for more nodes, or for the last call to end"
+        if n < min_nodes:
+            return f"{head}: waiting for {_count(min_nodes - n, 'more node')}"
+        return f"{head}: min reached, last call open for more nodes before it freezes"
+    confirmed = {rank_of(key) for key in state.keep_alives or ()}
+    if state.status is Status.FROZEN:
+        unconfirmed = [rank for rank in state.participants if rank not in confirmed]
+        if not unconfirmed:
+            return f"frozen: all {n} ranks confirmed; the last one is making it final"
+        seen = [identities[rank].describe() for rank in unconfirmed if rank in identities]
+        where = f"; last seen on {_and(seen)}" if seen else "; no keep-alive key from them yet"
+        verb = "has" if len(unconfirmed) == 1 else "have"
+        return (
+            f"frozen: {_ranks(unconfirmed)} {verb} not confirmed "
+            f"({len(confirmed)} of {n} confirmed{where})"
+        )
+    # FINAL
+    waiting = state.num_workers_waiting or 0
+    missing = [r for r in (rank_of(k) for k in missing_keep_alives(state, live)) if r is not None]
+    if missing:
+        if len(missing) == 1:
+            whose = f"{_ranks(missing)}'s keep-alive is"
+        else:
+            whose = f"the keep-alives of {_ranks(missing)} are"
+        tail = f"; {_count(waiting, 'node')} waiting" if waiting else ""
+        return f"final: {whose} missing: the version will be torn down{tail}"
+    if waiting:
+        return (
+            f"final with {_count(waiting, 'node')} waiting: members will re-rendezvous "
+            f"({_count(n, 'member')} now)"
+        )
+    return f"final with {_count(n, 'participant')}: complete, every keep-alive is live"
+
+
+def _bounds(min_nodes: int | None, max_nodes: int | None) -> str:
+    low = f"min {min_nodes}" if min_nodes is not None else "min unknown"
+    return f"{low}, max {max_nodes}" if max_nodes is not None else low
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _and(items: Sequence[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    numbers = [str(rank) for rank in sorted(ranks)]
+    return f"rank {numbers[0]}" if len(numbers) == 1 else f"ranks {_and(numbers)}"
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class UnknownRun(Exception):
+    def __init__(self, message: str, revision: int | None) -> None:
+        super().__init__(message)
+        self.revision = revision
+
+
+def read_snapshot(kv: KeyValue, run_id: str, prefix: str) -> Snapshot:
+    """Read the run's keys. Raises UnknownRun, CorruptStateError, EtcdUnavailableError."""
+    run_path = RendezvousConfig(run_id, parse_endpoints("localhost"), 1, 1, prefix=prefix).run_path
+    rdzv = f"{run_path}/rdzv"
+    revisions: list[int] = []
+    state: RendezvousState | None = None
+    state_key = f"{rdzv}/active_version"
+    try:
+        entry = kv.get(state_key)
+        revisions.append(entry.read_revision)
+        state = RendezvousState.decode(entry.value, state_key)
+    except KeyNotFound as absent:
+        _note(revisions, absent.revision)
+    version_counter: int | None = None
+    try:
+        counter = kv.get(f"{rdzv}/version_counter")
+        revisions.append(counter.read_revision)
+        version_counter = int(counter.value) if counter.value.strip().isdigit() else None
+    except KeyNotFound as absent:
+        _note(revisions, absent.revision)
+    if state is None and version_counter is None:
+        try:
+            revisions.append(kv.list(rdzv).revision)
+        except KeyNotFound as absent:
+            raise UnknownRun(
+                f"no rendezvous state for run {run_id!r} under {prefix}", absent.revision
+            ) from None
+    ranks: tuple[RankView, ...] = ()
+    if state is not None and state.version is not None:
+        ranks, listed = _read_ranks(kv, f"{rdzv}/v_{state.version}", state)
+        _note(revisions, listed)
+    revision = min(revisions) if revisions else 0
+    return Snapshot(run_id, prefix, run_path, state, version_counter, ranks, revision)
+
+
+def _read_ranks(
+    kv: KeyValue, version_dir: str, state: RendezvousState
+) -> tuple[tuple[RankView, ...], int | None]:
+    try:
+        listing = kv.list(version_dir)
+        entries = {rank_of(e.key): e for e in listing.entries if rank_of(e.key) is not None}
+        revision: int | None = listing.revision
+    except KeyNotFound as absent:
+        entries, revision = {}, absent.revision
+    confirmed = None if state.keep_alives is None else {rank_of(k) for k in state.keep_alives}
+    views = []
+    for rank in sorted({*state.participants, *(r for r in entries if r is not None)}):
+        entry = entries.get(rank)
+        views.append(
+            RankView(
+                rank=rank,
+                keep_alive_key=f"{version_dir}/rank_{rank}",
+                keep_alive=entry is not None,
+                confirmed=None if confirmed is None else rank in confirmed,
+                identity=NodeIdentity.parse(entry.value) if entry is not None else None,
+            )
+        )
+    return tuple(views), revision
+
+
+def _note(revisions: list[int], revision: int | None) -> None:
+    if revision is not None:
+        revisions.append(revision)
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    snapshot: Snapshot
+    diagnosis: str
+    min_nodes: int | None
+    max_nodes: int | None
+    state_since: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        snap, state = self.snapshot, self.snapshot.state
+        return {
+            "run_id": snap.run_id,
+            "prefix": snap.prefix,
+            "run_path": snap.run_path,
+            "status": state.status.value if state else None,
+            "version": state.version if state else None,
+            "version_counter": snap.version_counter,
+            "participants": list(state.participants) if state else [],
+            "confirmed": sorted(r.rank for r in snap.ranks if r.confirmed),
+            "nodes_waiting": (state.num_workers_waiting or 0) if state else 0,
+            "min_nodes": self.min_nodes,
+            "max_nodes": self.max_nodes,
+            "state_since": self.state_since.isoformat() if self.state_since else None,
+            "ranks": [
+                {
+                    "rank": r.rank,
+                    "keep_alive_key": r.keep_alive_key,
+                    "keep_alive": r.keep_alive,
+                    "confirmed": r.confirmed,
+                    "host": r.identity.host if r.identity else None,
+                    "addr": r.identity.addr if r.identity else None,
+                    "pid": r.identity.pid if r.identity else None,
+                }
+                for r in snap.ranks
+            ],
+            "diagnosis": self.diagnosis,
+            "revision": snap.revision,
+        }
+
+    def to_text(self) -> str:
+        snap, state = self.snapshot, self.snapshot.state
+        lines = [f"run {snap.run_id} at {snap.run_path}"]
+        if state is None:
+            lines.append(f"active version: none   version counter: {_dash(snap.version_counter)}")
+        else:
+            lines.append(
+                f"active version: {_dash(state.version)}   state: {state.status.value}   "
+                f"version counter: {_dash(snap.version_counter)}"
+            )
+            since = (
+                f"{self.state_since.astimezone():%H:%M:%S} (seen changing)"
+                if self.state_since
+                else "unknown (etcd v2 keeps no timestamps; --watch shows changes)"
+            )
+            lines.append(f"state since: {since}")
+            confirmed = sum(1 for r in snap.ranks if r.confirmed)
+            confirmed_text = (
+                f"{confirmed}/{state.world_size}" if state.keep_alives is not None else "-"
+            )
+            lines.append(
+                f"participants: {state.world_size}   confirmed: {confirmed_text}   "
+                f"nodes waiting: {state.num_workers_waiting or 0}   "
+                f"{_bounds(self.min_nodes, self.max_nodes)}"
+            )
+        if snap.ranks:
+            rows = [("rank", "keep-alive", "confirmed", "host", "addr", "pid")]
+            for r in snap.ranks:
+                ident = r.identity
+                rows.append(
+                    (
+                        str(r.rank),
+                        # Ranks publish keep-alives when they confirm, after the join window.
+                        "live" if r.keep_alive else ("-" if r.confirmed is None else "missing"),
+                        {None: "-", True: "yes", False: "no"}[r.confirmed],
+                        (ident.host or "-") if ident else ("-" if not r.keep_alive else "?"),
+                        (ident.addr or "-") if ident else "-",
+                        _dash(ident.pid) if ident else "-",
+                    )
+                )
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                lines.append(
+                    "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                )
+        lines.append(f"diagnosis: {self.diagnosis}")
+        return "\n".join(lines)
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def report(
+    snapshot: Snapshot,
+    min_nodes: int | None,
+    max_nodes: int | None,
+    state_since: datetime | None = None,
+) -> Report:
+    live = [r.keep_alive_key for r in snapshot.ranks if r.keep_alive]
+    identities = {r.rank: r.identity for r in snapshot.ranks if r.identity is not None}
+    text = diagnose(
+        snapshot.state,
+        live,
+        identities,
+        min_nodes,
+        max_nodes=max_nodes,
+        version_counter=snapshot.version_counter,
+    )
+    return Report(snapshot, text, min_nodes, max_nodes, state_since)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "status",
+        help="show a run's rendezvous state in etcd, with a diagnosis",
+        description="Show one run's rendezvous state in etcd (read-only) and what it waits for.",
+        epilog="Exit codes: 0 shown; 2 bad arguments or corrupt state key; "
+        "3 no keys for this run; 4 etcd unreachable or refused.",
+    )
+    parser.add_argument("--endpoint", required=True, help="HOST:PORT[,HOST:PORT...]")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"default {DEFAULT_PREFIX}")
+    parser.add_argument("--min-nodes", type=int, help="the run's min nodes, to judge joinable")
+    parser.add_argument("--max-nodes", type=int)
+    parser.add_argument("--json", action="store_true", help="one JSON object per rendering")
+    parser.add_argument(
+        "--watch", action="store_true", help="re-render on every change until Ctrl-C"
+    )
+    parser.add_argument(
+        "--watch-timeout", type=float, metavar="SECONDS", help="stop watching after SECONDS"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help=f"per-request time limit (default {DEFAULT_REQUEST_TIMEOUT:g})",
+    )
+    parser.add_argument("--protocol", choices=("http", "https"), default="http")
+    parser.add_argument("--cacert")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        kv = _connect(args)
+    except ConfigurationError as error:
+        return _fail(str(error), EXIT_CONFIG)
+    try:
+        return _show(kv, args)
+    except CorruptStateError as error:
+        return _fail(str(error), EXIT_CONFIG)
+    except UnknownRun as error:
+        return _fail(f"{error}: check --run-id and --prefix", EXIT_UNKNOWN_RUN)
+    except (EtcdUnavailableError, EtcdRejectedError) as error:
+        return _fail(str(error), EXIT_ETCD)
+    finally:
+        kv.close()
+
+
+def _connect(args: argparse.Namespace) -> KeyValue:
+    from etcd_rdzv.config import load_tls_files
+    from etcd_rdzv.kv.etcd_v2 import EtcdV2
+    from etcd_rdzv.telemetry import NOOP_OBSERVER
+
+    endpoints = parse_endpoints(args.endpoint)
+    RendezvousConfig(args.run_id, endpoints, 1, 1)  # validates the run id
+    for name in ("timeout", "watch_timeout"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+    files = {name: getattr(args, name) for name in ("cacert", "cert", "key")}
+    tls = load_tls_files({k: v for k, v in files.items() if v}, args.protocol)
+    args.prefix = normalize_prefix(args.prefix)
+    return EtcdV2(
+        endpoints,
+        protocol=args.protocol,
+        cacert=str(tls.cacert) if tls.cacert else None,
+        cert=str(tls.cert) if tls.cert else None,
+        key=str(tls.key) if tls.key else None,
+        request_timeout=args.timeout,
+        observer=NOOP_OBSERVER,
+    )
+
+
+def _show(kv: KeyValue, args: argparse.Namespace) -> int:
+    snapshot = read_snapshot(kv, args.run_id, args.prefix)
+    shown = report(snapshot, args.min_nodes, args.max_nodes)
+    _print(shown, args.json)
+    if not args.watch:
+        return EXIT_OK
+    deadline = None if args.watch_timeout is None else time.monotonic() + args.watch_timeout
+    since: datetime | None = None
+    try:
+        while True:
+            left = _WATCH_CHUNK_SECONDS if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return EXIT_OK
+            rdzv = f"{snapshot.run_path}/rdzv"
+            kv.watch(rdzv, snapshot.revision, min(left, _WATCH_CHUNK_SECONDS), recursive=True)
+            # A change, a timeout or lost history: read again either way, show only news.
+            previous = snapshot.state
+            try:
+                snapshot = read_snapshot(kv, args.run_id, args.prefix)
+            except UnknownRun as gone:
+                snapshot = _emptied(snapshot, gone.revision)
+            if _phase(snapshot.state) != _phase(previous):
+                since = datetime.now(timezone.utc)
+            current = report(snapshot, args.min_nodes, args.max_nodes, since)
+            if _essence(current) != _essence(shown):
+                _print(current, args.json)
+                shown = current
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _emptied(previous: Snapshot, revision: int | None) -> Snapshot:
+    """The run's keys were all deleted while watching: show that and keep watching."""
+    return Snapshot(
+        previous.run_id,
+        previous.prefix,
+        previous.run_path,
+        None,
+        None,
+        (),
+        max(previous.revision, revision or 0),
+    )
+
+
+def _phase(state: RendezvousState | None) -> tuple[str, int | None] | None:
+    return None if state is None else (state.status.value, state.version)
+
+
+def _essence(shown: Report) -> dict[str, Any]:
+    document = shown.to_json()
+    document.pop("revision")
+    return document
+
+
+def _print(shown: Report, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(shown.to_json(), sort_keys=True), flush=True)
+    else:
+        print(shown.to_text() + "\n", flush=True)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"etcd-rdzv status: error: {message}", file=sys.stderr)
+    return code
+
+
+def _optional_str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,332 @@
+"""`etcd-rdzv status` against a real etcd while real participants hold each rendezvous state.
+
+The command runs in-process through `etcd_rdzv.cli.main` (output via capsys), and once as the
+installed console script. Waiting for a state uses etcd watches, not sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import etcd as python_etcd
+import pytest
+
+from etcd_rdzv.cli import main
+from etcd_rdzv.config import EtcdEndpoint
+from etcd_rdzv.kv.etcd_v2 import EtcdV2
+from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from etcd_rdzv.protocol import Status
+from etcd_rdzv.status import (
+    EXIT_CONFIG,
+    EXIT_ETCD,
+    EXIT_OK,
+    EXIT_UNKNOWN_RUN,
+    Snapshot,
+    UnknownRun,
+    read_snapshot,
+)
+from etcd_rdzv.telemetry import NOOP_OBSERVER
+from tests.support.harness import ParticipantGroup, check_membership
+
+BACKEND = "etcd-rdzv"
+PREFIX = "/torchelastic/p2p"
+FAST = {"last_call_timeout": "1", "keep_alive_ttl": "2", "timeout": "60"}
+CONSOLE_SCRIPT = Path(sys.executable).with_name("etcd-rdzv")
+HOST = socket.gethostname()
+
+
+@pytest.fixture
+def kv(etcd: LocalEtcd) -> Iterator[EtcdV2]:
+    host, port = etcd.endpoint.rsplit(":", 1)
+    transport = EtcdV2([EtcdEndpoint(host, int(port))], observer=NOOP_OBSERVER)
+    yield transport
+    transport.close()
+
+
+@pytest.fixture
+def client(etcd: LocalEtcd) -> python_etcd.Client:
+    host, port = etcd.endpoint.rsplit(":", 1)
+    return python_etcd.Client(host=host, port=int(port))
+
+
+def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_nodes: int
+          ) -> ParticipantGroup:  # fmt: skip
+    return ParticipantGroup(
+        tmp_path / run_id,
+        endpoint=etcd.endpoint,
+        run_id=run_id,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        conf=FAST,
+    )
+
+
+def wait_for(
+    kv: EtcdV2, run_id: str, condition: str, check: Callable[[Snapshot], bool], timeout: float
+) -> Snapshot:
+    """Read the run, and watch for its next change until `check` holds; bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            snapshot: Snapshot | None = read_snapshot(kv, run_id, PREFIX)
+            revision = snapshot.revision if snapshot else 0
+        except UnknownRun as absent:
+            snapshot, revision = None, absent.revision or 0
+        if snapshot is not None and check(snapshot):
+            return snapshot
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"not within {timeout}s: {condition}")
+        kv.watch(f"{PREFIX}/run_{run_id}/rdzv", revision, left, recursive=True)
+
+
+def status(
+    capsys: pytest.CaptureFixture[str], etcd: LocalEtcd, run_id: str, *extra: str
+) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["status", "--endpoint", etcd.endpoint, "--run-id", run_id, *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def diagnosis(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("diagnosis: ")]
+    return line.removeprefix("diagnosis: ")
+
+
+def test_joinable_waiting_for_more_nodes(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 2) as nodes:
+        (lone,) = nodes.start(1, backend=BACKEND)
+        lone.send({"cmd": "rendezvous"})
+        wait_for(
+            kv,
+            run_id,
+            "the lone node joined",
+            lambda s: s.state is not None and s.state.status is Status.JOINABLE
+            and s.state.world_size == 1,
+            timeout=30,
+        )  # fmt: skip
+        code, out, err = status(capsys, etcd, run_id, "--min-nodes", "2")
+        assert code == EXIT_OK, err
+        assert diagnosis(out) == "joinable with 1 participant (min 2): waiting for 1 more node"
+        assert "state: joinable" in out
+        assert "state since: unknown (etcd v2 keeps no timestamps" in out
+
+        code, out, err = status(capsys, etcd, run_id, "--json")
+        assert code == EXIT_OK, err
+        document = json.loads(out)
+        # Blocked in its rendezvous, it cannot answer a polite exit: no need to wait for that.
+        lone.kill()
+    assert document["status"] == "joinable"
+    assert document["participants"] == [0]
+    assert document["min_nodes"] is None
+    assert document["diagnosis"].startswith("joinable with 1 participant (min unknown)")
+    # Ranks publish keep-alive keys only when they confirm, after the join window closes.
+    assert document["ranks"][0]["keep_alive"] is False
+    assert document["ranks"][0]["confirmed"] is None
+
+
+def test_frozen_waiting_for_confirmations(
+    etcd: LocalEtcd, run_id: str, client: python_etcd.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A frozen version lasts only until its last confirmation, too short to hold with real
+    # nodes, so this test writes one itself, exactly as torch's etcd backend formats it (as a
+    # foreign writer would): rank 0 confirmed; rank 1 published its keep-alive key (with an
+    # etcd-rdzv identity) but has not confirmed yet; rank 2 has done neither.
+    rdzv = f"{PREFIX}/run_{run_id}/rdzv"
+    state = {
+        "status": "frozen",
+        "version": "1",
+        "participants": [0, 1, 2],
+        "keep_alives": [f"{rdzv}/v_1/rank_0"],
+    }
+    client.write(f"{rdzv}/version_counter", "1")
+    client.write(f"{rdzv}/active_version", json.dumps(state), ttl=60)
+    for rank, host in ((0, "host-a"), (1, "host-b")):
+        identity = {"host": host, "addr": f"10.0.0.{rank}", "pid": 100 + rank}
+        client.write(f"{rdzv}/v_1/rank_{rank}", json.dumps(identity), ttl=60)
+
+    code, out, err = status(capsys, etcd, run_id)
+    assert code == EXIT_OK, err
+    assert diagnosis(out) == (
+        "frozen: ranks 1 and 2 have not confirmed (1 of 3 confirmed; last seen on host-b (pid 101))"
+    )
+    assert "confirmed: 1/3" in out
+
+    code, out, _ = status(capsys, etcd, run_id, "--json")
+    document = json.loads(out)
+    assert document["confirmed"] == [0]
+    assert [(r["rank"], r["keep_alive"], r["confirmed"], r["host"], r["addr"], r["pid"])
+            for r in document["ranks"]] == [
+        (0, True, True, "host-a", "10.0.0.0", 100),
+        (1, True, False, "host-b", "10.0.0.1", 101),
+        (2, False, False, None, None, None),
+    ]  # fmt: skip
+
+
+def test_final_with_a_late_node_waiting(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 3) as nodes:
+        members = nodes.start(2, backend=BACKEND)
+        results = nodes.rendezvous_all(timeout=60, participants=members)
+        check_membership(results)
+        (late,) = nodes.start(1, backend=BACKEND)
+        late.send({"cmd": "rendezvous"})
+        wait_for(
+            kv,
+            run_id,
+            "the late node counted as waiting",
+            lambda s: s.state is not None and (s.state.num_workers_waiting or 0) >= 1,
+            timeout=30,
+        )
+        code, out, err = status(capsys, etcd, run_id, "--min-nodes", "2", "--max-nodes", "3")
+        assert code == EXIT_OK, err
+        assert diagnosis(out) == (
+            "final with 1 node waiting: members will re-rendezvous (2 members now)"
+        )
+        code, out, err = status(capsys, etcd, run_id, "--json")
+        document = json.loads(out)
+        late.kill()  # blocked in its rendezvous, it cannot answer a polite exit
+    assert document["status"] == "final"
+    assert document["nodes_waiting"] == 1
+    assert document["confirmed"] == [0, 1]
+    by_rank = {r["rank"]: r for r in document["ranks"]}
+    # Each rank's keep-alive key names the very process that holds the rank.
+    for result in results:
+        shown = by_rank[result["rank"]]
+        assert (shown["keep_alive"], shown["host"], shown["pid"]) == (True, HOST, result["pid"])
+
+
+def test_closed(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with group(tmp_path, etcd, run_id, 1, 1) as nodes:
+        (member,) = nodes.start(1, backend=BACKEND)
+        member.rendezvous(timeout=30)
+        member.request({"cmd": "set_closed"}, 10)
+    code, out, err = status(capsys, etcd, run_id)
+    assert code == EXIT_OK, err
+    assert diagnosis(out) == "closed: no node can join"
+
+    # Nothing changes: the watch prints the one rendering and ends at its timeout.
+    started = time.monotonic()
+    code, out, err = status(capsys, etcd, run_id, "--watch", "--watch-timeout", "1", "--json")
+    assert code == EXIT_OK, err
+    assert time.monotonic() - started >= 1
+    assert [json.loads(line)["status"] for line in out.splitlines()] == ["closed"]
+
+
+def _lines(stream: IO[str], sink: queue.Queue[str | None]) -> None:
+    for line in stream:
+        sink.put(line)
+    sink.put(None)
+
+
+def test_watch_as_the_console_script_renders_each_change(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2
+) -> None:
+    with group(tmp_path, etcd, run_id, 2, 2) as nodes:
+        (first,) = nodes.start(1, backend=BACKEND)
+        first.send({"cmd": "rendezvous"})
+        wait_for(kv, run_id, "the first node joined",
+                 lambda s: s.state is not None and s.state.world_size == 1, timeout=30)  # fmt: skip
+        watcher = subprocess.Popen(
+            [str(CONSOLE_SCRIPT), "status", "--endpoint", etcd.endpoint, "--run-id", run_id,
+             "--min-nodes", "2", "--json", "--watch", "--watch-timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert watcher.stdout is not None
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_lines, args=(watcher.stdout, lines), daemon=True).start()
+            seen: list[dict[str, Any]] = []
+
+            def next_rendering() -> dict[str, Any]:
+                line = lines.get(timeout=30)
+                assert line is not None, f"watch exited early: {watcher.stderr}"
+                document: dict[str, Any] = json.loads(line)
+                seen.append(document)
+                return document
+
+            assert next_rendering()["status"] == "joinable"
+            (second,) = nodes.start(1, backend=BACKEND)
+            second.send({"cmd": "rendezvous"})
+            check_membership([p.expect_rendezvous(60) for p in (first, second)])
+            while seen[-1]["status"] != "final" or len(seen[-1]["confirmed"]) < 2:
+                next_rendering()
+            # Ctrl-C ends a watch cleanly.
+            watcher.send_signal(signal.SIGINT)
+            assert watcher.wait(10) == EXIT_OK
+            assert watcher.stderr is not None
+            assert "Traceback" not in watcher.stderr.read()
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait(5)
+    assert len(seen) >= 2
+    assert seen[-1]["diagnosis"] == "final with 2 participants: complete, every keep-alive is live"
+    assert seen[-1]["state_since"] is not None
+
+
+def test_unreachable_etcd_names_the_endpoint(
+    run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (port,) = free_loopback_ports(1)
+    endpoint = f"127.0.0.1:{port}"
+    capsys.readouterr()
+    started = time.monotonic()
+    code = main(["status", "--endpoint", endpoint, "--run-id", run_id, "--timeout", "1"])
+    elapsed = time.monotonic() - started
+    _, err = capsys.readouterr()
+    assert code == EXIT_ETCD
+    assert endpoint in err
+    assert "did not answer" in err
+    assert "Traceback" not in err
+    assert elapsed < 5
+
+
+def test_unknown_run_id(etcd: LocalEtcd, run_id: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = status(capsys, etcd, run_id, "--prefix", "/elsewhere/")
+    assert code == EXIT_UNKNOWN_RUN
+    assert out == ""
+    assert err.strip() == (
+        f"etcd-rdzv status: error: no rendezvous state for run {run_id!r} under /elsewhere: "
+        "check --run-id and --prefix"
+    )
+
+
+def test_garbage_state_names_the_key(
+    etcd: LocalEtcd, run_id: str, client: python_etcd.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = f"{PREFIX}/run_{run_id}/rdzv/active_version"
+    client.write(key, '{"status": "joinable", "version": "1", "participa')
+    code, out, err = status(capsys, etcd, run_id)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert key in err
+    assert "not JSON" in err
+    assert "Traceback" not in err
+    # Read-only: never repaired.
+    assert client.get(key).value.endswith("participa")
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:2379", "host:port", "a:99999"])
+def test_malformed_endpoint(endpoint: str, run_id: str, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    code = main(["status", "--endpoint", endpoint, "--run-id", run_id])
+    _, err = capsys.readouterr()
+    assert code == EXIT_CONFIG
+    assert err.startswith("etcd-rdzv status: error: ")
+    assert endpoint in err
