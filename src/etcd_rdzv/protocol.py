@@ -107,16 +107,40 @@ class RendezvousState:
         return state
 
 
-# --- the rules -------------------------------------------------------------------------------
+# --- when the state entered its status ------------------------------------------------------
+
+# Ours, not torch's: {"status": S, "at": UNIX_SECONDS} written when one of our nodes changes the
+# status. torch's backend carries unknown fields through its rewrites, so a stamp can outlive
+# the status it was written for; it counts only while its status is the document's.
+SINCE_FIELD = "etcd_rdzv_since"
 
 
-def setup() -> RendezvousState:
+def _entered(state: RendezvousState, now: float | None) -> RendezvousState:
+    if now is None:
+        return state
+    stamp = {"status": state.status.value, "at": round(now, 3)}
+    return replace(state, extra={**state.extra, SINCE_FIELD: stamp})
+
+
+def entered_at(state: RendezvousState) -> float | None:
+    """Unix time at which the state entered its status, when a node of ours recorded it."""
+    stamp = state.extra.get(SINCE_FIELD)
+    if not isinstance(stamp, dict) or stamp.get("status") != state.status.value:
+        return None
+    at = stamp.get("at")
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+
+
+# --- the rules (each takes `now`, to record when a status begins) -----------------------------
+
+
+def setup(*, now: float | None = None) -> RendezvousState:
     """The placeholder a node writes while it prepares a new version."""
-    return RendezvousState(Status.SETUP)
+    return _entered(RendezvousState(Status.SETUP), now)
 
 
-def open_version(version: int) -> RendezvousState:
-    return RendezvousState(Status.JOINABLE, version=version)
+def open_version(version: int, *, now: float | None = None) -> RendezvousState:
+    return _entered(RendezvousState(Status.JOINABLE, version=version), now)
 
 
 @dataclass(frozen=True)
@@ -128,7 +152,9 @@ class Joined:
     holds_last_call: bool
 
 
-def join(state: RendezvousState, min_nodes: int, max_nodes: int) -> Joined:
+def join(
+    state: RendezvousState, min_nodes: int, max_nodes: int, *, now: float | None = None
+) -> Joined:
     """Take the next rank of a joinable state; freeze it when it becomes full."""
     if state.status is not Status.JOINABLE:
         raise ValueError(f"cannot join a {state.status.value} rendezvous")
@@ -138,16 +164,16 @@ def join(state: RendezvousState, min_nodes: int, max_nodes: int) -> Joined:
     participants = (*state.participants, rank)
     if len(participants) == max_nodes:
         frozen = replace(state, status=Status.FROZEN, participants=participants, keep_alives=())
-        return Joined(frozen, rank, Lifetime.FROZEN, holds_last_call=False)
+        return Joined(_entered(frozen, now), rank, Lifetime.FROZEN, holds_last_call=False)
     # From min_nodes on the state is ephemeral: if the last-call holder dies, it expires.
     lifetime = Lifetime.JOINABLE if len(participants) >= min_nodes else Lifetime.PERMANENT
     joined = replace(state, participants=participants)
     return Joined(joined, rank, lifetime, holds_last_call=rank == min_nodes - 1)
 
 
-def freeze(state: RendezvousState) -> RendezvousState:
+def freeze(state: RendezvousState, *, now: float | None = None) -> RendezvousState:
     """Close the join window at the end of the last call."""
-    return replace(state, status=Status.FROZEN, keep_alives=())
+    return _entered(replace(state, status=Status.FROZEN, keep_alives=()), now)
 
 
 @dataclass(frozen=True)
@@ -160,12 +186,12 @@ class Confirmed:
         return self.state.status is Status.FINAL
 
 
-def confirm(state: RendezvousState, keep_alive_key: str) -> Confirmed:
+def confirm(state: RendezvousState, keep_alive_key: str, *, now: float | None = None) -> Confirmed:
     """Record one participant's keep-alive key; the last confirmation makes the version final."""
     keep_alives = (*(state.keep_alives or ()), keep_alive_key)
     if len(keep_alives) == state.world_size:
         final = replace(state, status=Status.FINAL, keep_alives=keep_alives, num_workers_waiting=0)
-        return Confirmed(final, Lifetime.PERMANENT)
+        return Confirmed(_entered(final, now), Lifetime.PERMANENT)
     return Confirmed(replace(state, keep_alives=keep_alives), Lifetime.FROZEN)
 
 
@@ -173,10 +199,10 @@ def announce_waiting(state: RendezvousState) -> RendezvousState:
     return replace(state, num_workers_waiting=(state.num_workers_waiting or 0) + 1)
 
 
-def close(state: RendezvousState | None) -> RendezvousState:
+def close(state: RendezvousState | None, *, now: float | None = None) -> RendezvousState:
     if state is None:
-        return RendezvousState(Status.CLOSED)
-    return replace(state, status=Status.CLOSED)
+        return _entered(RendezvousState(Status.CLOSED), now)
+    return _entered(replace(state, status=Status.CLOSED), now)
 
 
 def nodes_waiting(state: RendezvousState | None, member_of: int | None) -> int:

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -229,17 +230,18 @@ class EtcdRendezvous:
 
     def _create_or_observe(self) -> Snapshot:
         """Setup: open the next version if there is none, else report the current state."""
+        placeholder_state = protocol.setup(now=time.time())
         try:
             placeholder = self._kv.create(
-                self.paths.active_version, protocol.setup().encode(), ttl=self.config.ttls.setup
+                self.paths.active_version, placeholder_state.encode(), ttl=self.config.ttls.setup
             )
         except AlreadyExists:
             return self._read_state(Phase.SETUP)
-        self._see(protocol.setup(), made=True)
+        self._see(placeholder_state, made=True)
         version = self._increment_version_counter()
         self._kv.ensure_directory(self.paths.version_dir(version))
         self._publish_version_context(version)
-        opened = protocol.open_version(version)
+        opened = protocol.open_version(version, now=time.time())
         try:
             entry = self._kv.compare_and_swap(
                 self.paths.active_version, opened.encode(), placeholder, ttl=None
@@ -260,7 +262,9 @@ class EtcdRendezvous:
                 raise _StartOver(
                     Phase.JOIN, "state_moved_on", f"version {version} stopped being joinable"
                 )
-            joined = protocol.join(state, self.config.min_nodes, self.config.max_nodes)
+            joined = protocol.join(
+                state, self.config.min_nodes, self.config.max_nodes, now=time.time()
+            )
             try:
                 entry = self._kv.compare_and_swap(
                     self.paths.active_version,
@@ -299,7 +303,7 @@ class EtcdRendezvous:
                 raise _StartOver(Phase.LAST_CALL, "deadline", "deadline passed during last call")
             try:
                 if window.expired():
-                    frozen = protocol.freeze(state)
+                    frozen = protocol.freeze(state, now=time.time())
                     entry = self._kv.compare_and_swap(
                         self.paths.active_version,
                         frozen.encode(),
@@ -323,7 +327,8 @@ class EtcdRendezvous:
 
     def _confirm(self, version: int, rank: int, deadline: Deadline) -> Snapshot:
         key = self.paths.keep_alive(version, rank)
-        self._kv.put(key, _node_identity(self.config.local_addr), ttl=self.config.ttls.keep_alive)
+        identity = _node_identity(self.config.local_addr, self.config.ttls.keep_alive)
+        self._kv.put(key, identity, ttl=self.config.ttls.keep_alive)
         self._hold_rank(key)
         entry, state = self._read_state(Phase.CONFIRM)
         for attempt in range(CAS_BACKOFF.max_attempts):
@@ -334,7 +339,7 @@ class EtcdRendezvous:
                 raise _StartOver(
                     Phase.CONFIRM, "state_moved_on", f"version {version} stopped being frozen"
                 )
-            confirmed = protocol.confirm(state, key)
+            confirmed = protocol.confirm(state, key, now=time.time())
             try:
                 entry = self._kv.compare_and_swap(
                     self.paths.active_version,
@@ -434,7 +439,9 @@ class EtcdRendezvous:
                 entry = self._kv.get(self.paths.active_version)
             except KeyNotFound:
                 try:
-                    self._kv.create(self.paths.active_version, protocol.close(None).encode())
+                    self._kv.create(
+                        self.paths.active_version, protocol.close(None, now=time.time()).encode()
+                    )
                     return
                 except AlreadyExists:
                     continue
@@ -443,7 +450,9 @@ class EtcdRendezvous:
                 return
             try:
                 self._kv.compare_and_swap(
-                    self.paths.active_version, protocol.close(state).encode(), entry
+                    self.paths.active_version,
+                    protocol.close(state, now=time.time()).encode(),
+                    entry,
                 )
                 self._observer.transition(
                     state.version, state.status.value, "closed", state.world_size, True
@@ -594,11 +603,13 @@ class EtcdRendezvous:
             pass  # it expires within its TTL anyway
 
 
-def _node_identity(local_addr: str | None) -> str:
+def _node_identity(local_addr: str | None, keep_alive_ttl: float) -> str:
+    """The value of a keep-alive key: who holds the rank, and the TTL it renews (for its age)."""
     return json.dumps(
-        {"host": socket.gethostname(), "addr": local_addr, "pid": os.getpid()},
+        {"host": socket.gethostname(), "addr": local_addr, "pid": os.getpid(),
+         "ttl": keep_alive_ttl},
         separators=(",", ":"),
-    )
+    )  # fmt: skip
 
 
 def _describe(state: RendezvousState) -> str:

@@ -9,8 +9,10 @@ Exit codes:
     4  etcd unreachable within --timeout, or it refused the request
 
 The diagnosis is a pure function of what was read (`diagnose`), so it is tested without etcd.
-etcd's v2 API keeps no timestamps, so how long the run has been in its state is only known
-from the moment `--watch` saw it change; keep-alive TTLs are not read (see `RankView`).
+etcd's v2 API keeps no timestamps: how long the run has been in its state comes from the stamp
+an etcd-rdzv node writes when it changes the status (`protocol.entered_at`); a state last
+changed by a torch node has none, and then only `--watch` can tell. A rank's keep-alive age is
+its TTL (written by the node into the key) minus the TTL the key has left.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from etcd_rdzv import protocol
 from etcd_rdzv.config import (
     DEFAULT_PREFIX,
     RendezvousConfig,
@@ -61,6 +64,7 @@ class NodeIdentity:
     host: str | None
     addr: str | None
     pid: int | None
+    ttl: float | None = None  # the TTL the node renews its key to
 
     @classmethod
     def parse(cls, raw: str) -> NodeIdentity | None:
@@ -70,11 +74,12 @@ class NodeIdentity:
             return None
         if not isinstance(document, dict):
             return None
-        pid = document.get("pid")
+        pid, ttl = document.get("pid"), document.get("ttl")
         return cls(
             host=_optional_str(document.get("host")),
             addr=_optional_str(document.get("addr")),
             pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            ttl=float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None,
         )
 
     def describe(self) -> str:
@@ -84,17 +89,21 @@ class NodeIdentity:
 
 @dataclass(frozen=True)
 class RankView:
-    """One rank of the active version.
-
-    `keep_alive` says whether its TTL key exists now; the remaining TTL is not shown because
-    the KeyValue interface does not return TTLs.
-    """
+    """One rank of the active version, and the state of its keep-alive key."""
 
     rank: int
     keep_alive_key: str
     keep_alive: bool
     confirmed: bool | None  # None: the state has no keep_alives list yet (joinable)
     identity: NodeIdentity | None
+    expires_in: float | None = None  # seconds the keep-alive key has left
+
+    @property
+    def keep_alive_age(self) -> float | None:
+        """Seconds since the key was last renewed: its TTL minus what it has left."""
+        if self.expires_in is None or self.identity is None or self.identity.ttl is None:
+            return None
+        return max(0.0, self.identity.ttl - self.expires_in)
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ def _read_ranks(
                 keep_alive=entry is not None,
                 confirmed=None if confirmed is None else rank in confirmed,
                 identity=NodeIdentity.parse(entry.value) if entry is not None else None,
+                expires_in=entry.ttl if entry is not None else None,
             )
         )
     return tuple(views), revision
@@ -311,6 +321,8 @@ class Report:
                     "host": r.identity.host if r.identity else None,
                     "addr": r.identity.addr if r.identity else None,
                     "pid": r.identity.pid if r.identity else None,
+                    "keep_alive_age_seconds": r.keep_alive_age,
+                    "keep_alive_expires_in_seconds": r.expires_in,
                 }
                 for r in snap.ranks
             ],
@@ -329,9 +341,9 @@ class Report:
                 f"version counter: {_dash(snap.version_counter)}"
             )
             since = (
-                f"{self.state_since.astimezone():%H:%M:%S} (seen changing)"
+                f"{self.state_since.astimezone():%H:%M:%S} ({_age(self.state_since)} ago)"
                 if self.state_since
-                else "unknown (etcd v2 keeps no timestamps; --watch shows changes)"
+                else "unknown (set by etcd-rdzv nodes only; --watch shows changes)"
             )
             lines.append(f"state since: {since}")
             confirmed = sum(1 for r in snap.ranks if r.confirmed)
@@ -351,7 +363,7 @@ class Report:
                     (
                         str(r.rank),
                         # Ranks publish keep-alives when they confirm, after the join window.
-                        "live" if r.keep_alive else ("-" if r.confirmed is None else "missing"),
+                        _keep_alive_text(r),
                         {None: "-", True: "yes", False: "no"}[r.confirmed],
                         (ident.host or "-") if ident else ("-" if not r.keep_alive else "?"),
                         (ident.addr or "-") if ident else "-",
@@ -387,7 +399,30 @@ def report(
         max_nodes=max_nodes,
         version_counter=snapshot.version_counter,
     )
+    if state_since is None and snapshot.state is not None:
+        # Recorded in the state by the etcd-rdzv node that made the transition.
+        entered = protocol.entered_at(snapshot.state)
+        if entered is not None:
+            state_since = datetime.fromtimestamp(entered, timezone.utc)
     return Report(snapshot, text, min_nodes, max_nodes, state_since)
+
+
+def _age(since: datetime) -> str:
+    seconds = max(0.0, (datetime.now(timezone.utc) - since).total_seconds())
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _keep_alive_text(rank: RankView) -> str:
+    # Ranks publish keep-alives when they confirm, after the join window.
+    if not rank.keep_alive:
+        return "-" if rank.confirmed is None else "missing"
+    if rank.keep_alive_age is not None:
+        return f"live, renewed {rank.keep_alive_age:.0f}s ago"
+    return "live"
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -518,8 +553,12 @@ def _phase(state: RendezvousState | None) -> tuple[str, int | None] | None:
 
 
 def _essence(shown: Report) -> dict[str, Any]:
+    """What a change is made of: not the revision, nor ages that tick by themselves."""
     document = shown.to_json()
     document.pop("revision")
+    for rank in document["ranks"]:
+        rank.pop("keep_alive_age_seconds")
+        rank.pop("keep_alive_expires_in_seconds")
     return document
 
 

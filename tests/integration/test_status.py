@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -122,7 +123,8 @@ def test_joinable_waiting_for_more_nodes(
         assert code == EXIT_OK, err
         assert diagnosis(out) == "joinable with 1 participant (min 2): waiting for 1 more node"
         assert "state: joinable" in out
-        assert "state since: unknown (etcd v2 keeps no timestamps" in out
+        # The node that opened the version stamped when the state became joinable.
+        assert re.search(r"state since: \d\d:\d\d:\d\d \(\d+\.\d s ago\)", out), out
 
         code, out, err = status(capsys, etcd, run_id, "--json")
         assert code == EXIT_OK, err
@@ -208,6 +210,9 @@ def test_final_with_a_late_node_waiting(
     for result in results:
         shown = by_rank[result["rank"]]
         assert (shown["keep_alive"], shown["host"], shown["pid"]) == (True, HOST, result["pid"])
+        # Renewed within its TTL (10 s by default), with the rest of the TTL still to run.
+        assert 0 <= shown["keep_alive_age_seconds"] <= 10, shown
+        assert 0 < shown["keep_alive_expires_in_seconds"] <= 10, shown
 
 
 def test_closed(

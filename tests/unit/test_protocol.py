@@ -134,3 +134,17 @@ def test_corrupt_documents_name_the_key_and_the_problem(raw: str, problem: str) 
 )
 def test_nodes_waiting(state: RendezvousState | None, member_of: int | None, expected: int) -> None:
     assert protocol.nodes_waiting(state, member_of) == expected
+
+
+def test_transitions_record_when_the_status_began() -> None:
+    opened = protocol.open_version(1, now=100.0)
+    assert protocol.entered_at(opened) == 100.0
+    joined = protocol.join(opened, min_nodes=2, max_nodes=2, now=105.0).state
+    assert joined.status is Status.JOINABLE and protocol.entered_at(joined) == 100.0
+    frozen = protocol.join(joined, min_nodes=2, max_nodes=2, now=107.0).state
+    assert frozen.status is Status.FROZEN and protocol.entered_at(frozen) == 107.0
+    # A torch node froze it, carrying our older stamp along: the stamp no longer counts.
+    torch_frozen = json.loads(joined.encode()) | {"status": "frozen", "keep_alives": []}
+    assert protocol.entered_at(RendezvousState.decode(json.dumps(torch_frozen), KEY)) is None
+    # torch reads the stamped document as before: the field is extra to it.
+    assert json.loads(frozen.encode())["status"] == "frozen"

@@ -48,6 +48,8 @@ class Entry:
     revision: int
     # The store revision this read reflects; a watch after it misses nothing.
     read_revision: int
+    # Seconds the key has left to live, when it has a TTL (a v2 TTL, a v3 lease).
+    ttl: float | None = None
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,13 @@ class EtcdV2(KeyValue):
         read_revision = int(result.etcd_index)
         nodes: list[dict[str, Any]] = getattr(result, "_children", [])
         entries = tuple(
-            Entry(node["key"], node.get("value") or "", int(node["modifiedIndex"]), read_revision)
+            Entry(
+                node["key"],
+                node.get("value") or "",
+                int(node["modifiedIndex"]),
+                read_revision,
+                float(node["ttl"]) if node.get("ttl") is not None else None,
+            )
             for node in nodes
             if not node.get("dir")
         )
@@ -290,7 +296,10 @@ def _client(
 
 
 def _entry(result: Any) -> Entry:
-    return Entry(result.key, result.value or "", int(result.modifiedIndex), int(result.etcd_index))
+    ttl = float(result.ttl) if result.ttl is not None else None
+    return Entry(
+        result.key, result.value or "", int(result.modifiedIndex), int(result.etcd_index), ttl
+    )
 
 
 def _ttl(ttl: float | None) -> int | None:
