@@ -18,7 +18,8 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,7 @@ __all__ = [
     "LocalEtcdError",
     "find_etcd_binary",
     "free_loopback_ports",
+    "reserved_loopback_ports",
     "start_local_etcd",
     "start_local_etcd_cluster",
 ]
@@ -420,19 +422,26 @@ def _etcd_command(
     return tuple(command)
 
 
-def free_loopback_ports(count: int) -> list[int]:
-    """Ports the kernel reports free; all sockets stay open until all are picked, so no
-    port is handed out twice."""
-    sockets = []
+@contextmanager
+def reserved_loopback_ports(count: int) -> Iterator[list[int]]:
+    """Free ports, held bound (not listening) until the block ends: nothing started meanwhile
+    can take them, and no port is handed out twice."""
+    sockets: list[socket.socket] = []
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
+        yield [int(sock.getsockname()[1]) for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Ports the kernel reports free now, released for the caller to bind."""
+    with reserved_loopback_ports(count) as ports:
+        return ports
 
 
 def _environment_without_etcd_settings() -> dict[str, str]:

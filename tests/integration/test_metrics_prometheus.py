@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv.local_etcd import LocalEtcd, reserved_loopback_ports
 from tests.support.harness import ParticipantGroup, check_membership
 from tests.support.prometheus import (
     JsonDict,
@@ -42,22 +41,6 @@ SCRAPE_TIMEOUT = 10.0
 TIMESTAMP_MARGIN = 0.05
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@contextmanager
-def reserved_loopback_ports(count: int) -> Iterator[list[int]]:
-    """Free ports, held bound (not listening) until the block ends, so nothing else started
-    meanwhile (Prometheus) can take them."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
-        yield [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def by_instance(series: list[JsonDict]) -> dict[str, float]:

@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv.local_etcd import LocalEtcd, reserved_loopback_ports
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 from tests.support.prometheus import (
     JsonDict,
@@ -211,22 +209,6 @@ def test_every_alert_has_severity_annotations_and_a_runbook_section(tmp_path: Pa
 
 
 # --- live: the stalled rule on real agents ------------------------------------------------------
-
-
-@contextmanager
-def reserved_loopback_ports(count: int) -> Iterator[list[int]]:
-    """Free ports, held bound (not listening) until the block ends, so that nothing started
-    meanwhile (Prometheus) can take them."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
-        yield [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def lowered_copy(rule: JsonDict) -> JsonDict:
