@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
 from etcd_rdzv.errors import (
+    ConfigurationError,
     CorruptStateError,
     EtcdUnavailableError,
     RendezvousClosedError,
@@ -261,6 +262,13 @@ class EtcdRendezvous:
             if not state.is_version(Status.JOINABLE, version):
                 raise _StartOver(
                     Phase.JOIN, "state_moved_on", f"version {version} stopped being joinable"
+                )
+            if state.world_size >= self.config.max_nodes:
+                raise ConfigurationError(
+                    f"Run {self.config.run_id!r}: version {version} is joinable with "
+                    f"{state.world_size} participants, as many as this node's max_nodes "
+                    f"{self.config.max_nodes} or more: every node of a run must use the same "
+                    "--nnodes MIN:MAX."
                 )
             joined = protocol.join(
                 state, self.config.min_nodes, self.config.max_nodes, now=time.time()

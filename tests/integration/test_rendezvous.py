@@ -277,3 +277,29 @@ def test_garbage_in_the_state_key_is_a_clear_error_naming_the_key(
     assert "not JSON" in error["message"]
     # Never silently overwritten.
     assert client.get(key).value.endswith("participa")
+
+
+def test_a_node_with_a_smaller_max_than_the_run_gets_a_clear_error(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    with group(tmp_path, etcd, run_id, 3, 3) as nodes:
+        first_two = nodes.start(2, backend=BACKEND)
+        for node in first_two:
+            node.send({"cmd": "rendezvous"})
+        client = python_etcd.Client(host="127.0.0.1", port=int(etcd.endpoint.rsplit(":", 1)[1]))
+        wait_until(
+            "two nodes joined version 1",
+            lambda: (active_state(client, run_id) or {}).get("participants") == [0, 1],
+            timeout=30,
+        )
+        # Launched with --nnodes 1:2 into a run of 3: it can never join without exceeding it.
+        misfit = ParticipantGroup(
+            tmp_path / "misfit", endpoint=etcd.endpoint, run_id=run_id, min_nodes=1,
+            max_nodes=2, conf=FAST,
+        )  # fmt: skip
+        with misfit:
+            (node,) = misfit.start(1, backend=BACKEND)
+            node.send({"cmd": "rendezvous"})
+            error = node.expect("error", timeout=30)
+    assert error["type"] == "ConfigurationError", error
+    assert "max_nodes 2" in error["message"] and "same --nnodes" in error["message"], error
