@@ -63,11 +63,10 @@ def _require_docker_compose() -> None:
 
 
 def _run(
-    command: list[str], *, env: Mapping[str, str] | None = None, stdin: str | None = None
+    command: list[str], *, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command,
-        input=stdin,
         capture_output=True,
         text=True,
         env=dict(env) if env is not None else None,

@@ -39,10 +39,9 @@ def _require_promtool() -> None:
         )
 
 
-def _run(command: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command,
-        input=stdin,
         capture_output=True,
         text=True,
         cwd=REPO,
