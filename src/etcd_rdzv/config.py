@@ -32,6 +32,10 @@ DEFAULT_METRICS_ADDR = "0.0.0.0"
 _DISABLED = frozenset({"off", "none", "disabled", "false", "no"})
 
 Protocol = Literal["http", "https"]
+EtcdApi = Literal["v3", "v2"]
+# v3 is served by every etcd from 3.4 on; v2 only by 3.4/3.5 with --enable-v2, and is kept for
+# rendezvous shared with torch's `etcd` backend, which speaks nothing else.
+DEFAULT_ETCD_API: EtcdApi = "v3"
 
 # Keys torchrun or torch's other backends pass that mean nothing to this backend.
 _FOREIGN_KEYS = frozenset(
@@ -133,6 +137,7 @@ class RendezvousConfig:
     prefix: str = DEFAULT_PREFIX
     protocol: Protocol = "http"
     tls: TlsFiles = field(default_factory=TlsFiles)
+    etcd_api: EtcdApi = DEFAULT_ETCD_API
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
     ttls: ProtocolTtls = field(default_factory=ProtocolTtls)
     local_addr: str | None = None
@@ -169,6 +174,7 @@ class RendezvousConfig:
         cls, params: RendezvousParameters, environ: Mapping[str, str] | None = None
     ) -> RendezvousConfig:
         conf: Mapping[str, Any] = params.config
+        environ = os.environ if environ is None else environ
         _warn_unknown_keys(conf)
         protocol = _protocol(conf.get("protocol"))
         tls = load_tls_files(conf, protocol)
@@ -185,17 +191,18 @@ class RendezvousConfig:
             prefix=normalize_prefix(str(conf.get("etcd_prefix", DEFAULT_PREFIX))),
             protocol=protocol,
             tls=tls,
+            etcd_api=parse_etcd_api(conf.get("etcd_api", environ.get("ETCD_RDZV_ETCD_API"))),
             request_timeout=_seconds(conf, "request_timeout", DEFAULT_REQUEST_TIMEOUT_SECONDS),
             ttls=ttls,
             local_addr=params.local_addr,
-            telemetry=TelemetryConfig.from_settings(conf, environ or os.environ),
+            telemetry=TelemetryConfig.from_settings(conf, environ),
         )
 
 
 KNOWN_KEYS = frozenset(
     {"timeout", "last_call_timeout", "etcd_prefix", "protocol", "cacert", "cert", "key",
      "keep_alive_ttl", "request_timeout", "metrics_port", "metrics_addr", "trace_file",
-     "log_format", "log_level", "progress_interval"}
+     "log_format", "log_level", "progress_interval", "etcd_api"}
 )  # fmt: skip
 
 
@@ -277,6 +284,18 @@ def _metrics_port(value: object) -> int | None:
     if not 0 <= port < 65536:
         raise ConfigurationError(f"metrics_port={port} is not in 0..65535.")
     return port
+
+
+def parse_etcd_api(value: object) -> EtcdApi:
+    """`v3` (the default) or `v2`, from `--rdzv-conf etcd_api` or ETCD_RDZV_ETCD_API."""
+    if value is None or str(value).strip().lower() in ("", "v3", "3"):
+        return "v3"
+    if str(value).strip().lower() in ("v2", "2"):
+        return "v2"
+    raise ConfigurationError(
+        f"etcd_api={value!r}: use 'v3' (etcd 3.4 and later) or 'v2' (a rendezvous shared with "
+        "torch's etcd backend; needs etcd 3.4/3.5 started with --enable-v2)."
+    )
 
 
 def _protocol(value: object) -> Protocol:

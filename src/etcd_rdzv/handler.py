@@ -13,8 +13,7 @@ from torch.distributed.elastic.rendezvous import (
 
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
-from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.kv.etcd_v2 import EtcdV2
+from etcd_rdzv.kv import KeyValue, connect
 from etcd_rdzv.protocol import Status
 from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
 from etcd_rdzv.store import EtcdStore
@@ -83,7 +82,7 @@ def create_handler(
     """
     config = RendezvousConfig.from_parameters(params)
     observer = build_telemetry(config) if observer is None else observer
-    kv = EtcdV2.from_config(config, observer)
+    kv = connect(config, observer)
     rendezvous = EtcdRendezvous(kv, config, observer)
     try:
         rendezvous.prepare()

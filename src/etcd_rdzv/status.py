@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -31,8 +32,10 @@ from etcd_rdzv import protocol
 from etcd_rdzv.config import (
     DEFAULT_PREFIX,
     RendezvousConfig,
+    load_tls_files,
     normalize_prefix,
     parse_endpoints,
+    parse_etcd_api,
 )
 from etcd_rdzv.errors import (
     ConfigurationError,
@@ -242,11 +245,16 @@ def read_snapshot(kv: KeyValue, run_id: str, prefix: str) -> Snapshot:
         _note(revisions, absent.revision)
     if state is None and version_counter is None:
         try:
-            revisions.append(kv.list(rdzv).revision)
+            listing = kv.list(rdzv)
+            revision_seen: int | None = listing.revision
+            found = bool(listing.entries)
         except KeyNotFound as absent:
-            raise UnknownRun(
-                f"no rendezvous state for run {run_id!r} under {prefix}", absent.revision
-            ) from None
+            revision_seen, found = absent.revision, False
+        if not found:
+            # v2 has no such directory; v3, having no directories, has no key below it.
+            unknown = f"no rendezvous state for run {run_id!r} under {prefix}"
+            raise UnknownRun(unknown, revision_seen)
+        _note(revisions, revision_seen)
     ranks: tuple[RankView, ...] = ()
     if state is not None and state.version is not None:
         ranks, listed = _read_ranks(kv, f"{rdzv}/v_{state.version}", state)
@@ -275,7 +283,7 @@ def _read_ranks(
                 keep_alive=entry is not None,
                 confirmed=None if confirmed is None else rank in confirmed,
                 identity=NodeIdentity.parse(entry.value) if entry is not None else None,
-                expires_in=entry.ttl if entry is not None else None,
+                expires_in=kv.time_left(entry) if entry is not None else None,
             )
         )
     return tuple(views), revision
@@ -456,6 +464,12 @@ def register(subparsers: Any) -> None:
         help=f"per-request time limit (default {DEFAULT_REQUEST_TIMEOUT:g})",
     )
     parser.add_argument("--protocol", choices=("http", "https"), default="http")
+    parser.add_argument(
+        "--etcd-api",
+        choices=("v3", "v2"),
+        default=os.environ.get("ETCD_RDZV_ETCD_API", "v3"),
+        help="the API the run's agents use (default v3, or $ETCD_RDZV_ETCD_API)",
+    )
     parser.add_argument("--cacert")
     parser.add_argument("--cert")
     parser.add_argument("--key")
@@ -480,28 +494,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> KeyValue:
-    from etcd_rdzv.config import load_tls_files
-    from etcd_rdzv.kv.etcd_v2 import EtcdV2
+    from etcd_rdzv.kv import connect
     from etcd_rdzv.telemetry import NOOP_OBSERVER
 
-    endpoints = parse_endpoints(args.endpoint)
-    RendezvousConfig(args.run_id, endpoints, 1, 1)  # validates the run id
+    RendezvousConfig(args.run_id, parse_endpoints(args.endpoint), 1, 1)  # validates the run id
     for name in ("timeout", "watch_timeout"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, got {value}.")
     files = {name: getattr(args, name) for name in ("cacert", "cert", "key")}
-    tls = load_tls_files({k: v for k, v in files.items() if v}, args.protocol)
     args.prefix = normalize_prefix(args.prefix)
-    return EtcdV2(
-        endpoints,
+    config = RendezvousConfig(
+        args.run_id,
+        parse_endpoints(args.endpoint),
+        1,
+        1,
         protocol=args.protocol,
-        cacert=str(tls.cacert) if tls.cacert else None,
-        cert=str(tls.cert) if tls.cert else None,
-        key=str(tls.key) if tls.key else None,
+        tls=load_tls_files({k: v for k, v in files.items() if v}, args.protocol),
+        etcd_api=parse_etcd_api(args.etcd_api),
         request_timeout=args.timeout,
-        observer=NOOP_OBSERVER,
     )
+    return connect(config, NOOP_OBSERVER)
 
 
 def _show(kv: KeyValue, args: argparse.Namespace) -> int:

@@ -7,21 +7,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import etcd as python_etcd
 import pytest
 
+from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from tests.conftest import EtcdFactory, etcd_keys, only_etcd_api
 from tests.support.harness import ParticipantGroup, check_membership
 
 BACKEND = "etcd-rdzv"
 # Short TTLs and windows keep the suite fast; the protocol is the same at torch's defaults.
 FAST = {"last_call_timeout": "1", "keep_alive_ttl": "2", "timeout": "60"}
-
-
-@pytest.fixture
-def client(etcd: LocalEtcd) -> python_etcd.Client:
-    host, port = etcd.endpoint.rsplit(":", 1)
-    return python_etcd.Client(host=host, port=int(port))
 
 
 def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_nodes: int,
@@ -36,10 +31,10 @@ def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_node
     )
 
 
-def active_state(client: python_etcd.Client, run_id: str) -> dict[str, object] | None:
+def active_state(kv: KeyValue, run_id: str) -> dict[str, object] | None:
     try:
-        value = client.get(f"/torchelastic/p2p/run_{run_id}/rdzv/active_version").value
-    except python_etcd.EtcdKeyNotFound:
+        value = kv.get(f"/torchelastic/p2p/run_{run_id}/rdzv/active_version").value
+    except KeyNotFound:
         return None
     state: dict[str, object] = json.loads(value)
     return state
@@ -103,7 +98,7 @@ def test_late_node_waits_then_joins_the_next_version(
 
 
 def test_members_keep_seeing_waiting_nodes_after_one_member_left_for_the_next_version(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, client: python_etcd.Client
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
     # torchrun's agents poll num_nodes_waiting() and restart only when it is positive. The
     # first member to re-rendezvous tears the final version down at once; the others must
@@ -121,7 +116,7 @@ def test_members_keep_seeing_waiting_nodes_after_one_member_left_for_the_next_ve
         first.send({"cmd": "rendezvous"})
         wait_until(
             "version 1 replaced by the next one",
-            lambda: (active_state(client, run_id) or {}).get("version") not in (None, "1"),
+            lambda: (active_state(kv, run_id) or {}).get("version") not in (None, "1"),
             timeout=20,
         )
         assert second.request({"cmd": "num_nodes_waiting"}, 10)["value"] >= 1
@@ -162,7 +157,7 @@ def test_overall_timeout_raises_and_says_what_was_missing(
 
 
 def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_it(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, client: python_etcd.Client
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
     with group(tmp_path, etcd, run_id, 2, 3) as nodes:
         members = nodes.start(3, backend=BACKEND)
@@ -175,7 +170,7 @@ def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_
         newcomer.send({"cmd": "rendezvous"})
         wait_until(
             "version 1 torn down after the dead member's keep-alive expired",
-            lambda: (active_state(client, run_id) or {}).get("version") not in (None, "1"),
+            lambda: (active_state(kv, run_id) or {}).get("version") not in (None, "1"),
             timeout=2 + 10,
         )
         survivors = [members[0], members[1], newcomer]
@@ -188,7 +183,7 @@ def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_
 
 
 def test_two_runs_on_one_etcd_do_not_interfere(
-    tmp_path: Path, etcd: LocalEtcd, client: python_etcd.Client
+    tmp_path: Path, etcd: LocalEtcd, etcd_api: str, kv: KeyValue
 ) -> None:
     run_a, run_b = f"iso-a-{time.monotonic_ns()}", f"iso-b-{time.monotonic_ns()}"
     with (
@@ -202,13 +197,13 @@ def test_two_runs_on_one_etcd_do_not_interfere(
         results_a = [p.expect_rendezvous(60) for p in nodes_a.members]
         results_b = [p.expect_rendezvous(60) for p in nodes_b.members]
         # Read while the members still hold their keep-alive keys.
-        keys = {leaf.key for leaf in client.read("/torchelastic/p2p", recursive=True).leaves}
+        keys = etcd_keys(etcd, etcd_api, "/torchelastic/p2p")
     check_membership(results_a)
     check_membership(results_b)
     assert {r["world_size"] for r in results_a} == {2}
     assert {r["world_size"] for r in results_b} == {3}
     for run, size in ((run_a, 2), (run_b, 3)):
-        state = active_state(client, run)
+        state = active_state(kv, run)
         assert state is not None and state["participants"] == list(range(size))
         keep_alives = {k for k in keys if k.startswith(f"/torchelastic/p2p/run_{run}/rdzv/v_1/")}
         assert keep_alives == {
@@ -216,6 +211,7 @@ def test_two_runs_on_one_etcd_do_not_interfere(
         } | {k for k in keep_alives if "/kv/" in k}
 
 
+@only_etcd_api("v2")  # torch's backend speaks nothing else
 def test_mixed_rendezvous_with_torch_etcd_backend(
     tmp_path: Path, etcd: LocalEtcd, run_id: str
 ) -> None:
@@ -250,24 +246,45 @@ def test_unreachable_etcd_is_a_clear_error_naming_the_endpoint(
     assert "Check that etcd is running" in message
 
 
-def test_server_without_v2_api_is_a_clear_error(
-    tmp_path: Path, etcd_factory: object, run_id: str
+@only_etcd_api("v2")
+def test_v2_against_a_server_without_v2_says_to_use_v3(
+    tmp_path: Path, etcd_factory: EtcdFactory, run_id: str
 ) -> None:
-    v3_only = etcd_factory(enable_v2=False)  # type: ignore[operator]
+    v3_only = etcd_factory(enable_v2=False)
     nodes = ParticipantGroup(
-        tmp_path, endpoint=v3_only.endpoint, run_id=run_id, min_nodes=1, max_nodes=1
-    )
+        tmp_path, endpoint=v3_only.endpoint, run_id=run_id, min_nodes=1, max_nodes=1,
+        conf={"etcd_api": "v2"},
+    )  # fmt: skip
     with nodes, pytest.raises(AssertionError) as failure:
         nodes.start(1, backend=BACKEND, ready_timeout=30)
-    assert "does not serve the v2 API" in str(failure.value)
-    assert "--enable-v2" in str(failure.value)
+    message = str(failure.value)
+    assert "V2ApiUnavailable" in message
+    assert "does not serve the v2 API" in message
+    assert "Use etcd_api=v3" in message
+
+
+@only_etcd_api("v3")
+def test_v3_is_the_default_and_needs_no_v2_api(
+    tmp_path: Path, etcd_factory: EtcdFactory, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ETCD_RDZV_ETCD_API")
+    v3_only = etcd_factory(enable_v2=False)
+    nodes = ParticipantGroup(
+        tmp_path, endpoint=v3_only.endpoint, run_id=run_id, min_nodes=2, max_nodes=2, conf=FAST
+    )
+    with nodes:
+        nodes.start(2, backend=BACKEND)
+        check_membership(nodes.rendezvous_all(timeout=60))
+    assert f"/torchelastic/p2p/run_{run_id}/rdzv/active_version" in etcd_keys(
+        v3_only, "v3", f"/torchelastic/p2p/run_{run_id}"
+    )
 
 
 def test_garbage_in_the_state_key_is_a_clear_error_naming_the_key(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, client: python_etcd.Client
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
     key = f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
-    client.write(key, '{"status": "joinable", "version": "1", "participa')
+    kv.put(key, '{"status": "joinable", "version": "1", "participa')
     with group(tmp_path, etcd, run_id, 1, 1) as nodes:
         (node,) = nodes.start(1, backend=BACKEND)
         node.send({"cmd": "rendezvous"})
@@ -276,20 +293,19 @@ def test_garbage_in_the_state_key_is_a_clear_error_naming_the_key(
     assert key in error["message"]
     assert "not JSON" in error["message"]
     # Never silently overwritten.
-    assert client.get(key).value.endswith("participa")
+    assert kv.get(key).value.endswith("participa")
 
 
 def test_a_node_with_a_smaller_max_than_the_run_gets_a_clear_error(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
     with group(tmp_path, etcd, run_id, 3, 3) as nodes:
         first_two = nodes.start(2, backend=BACKEND)
         for node in first_two:
             node.send({"cmd": "rendezvous"})
-        client = python_etcd.Client(host="127.0.0.1", port=int(etcd.endpoint.rsplit(":", 1)[1]))
         wait_until(
             "two nodes joined version 1",
-            lambda: (active_state(client, run_id) or {}).get("participants") == [0, 1],
+            lambda: (active_state(kv, run_id) or {}).get("participants") == [0, 1],
             timeout=30,
         )
         # Launched with --nnodes 1:2 into a run of 3: it can never join without exceeding it.

@@ -5,6 +5,10 @@ over v3. Conditional writes compare revisions, not values: a value can come back
 cannot. TTLs are in seconds; over v3 a TTL key is a key attached to a lease.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
@@ -17,6 +21,22 @@ from etcd_rdzv.kv.base import (
     OutcomeUnknown,
 )
 
+if TYPE_CHECKING:
+    from etcd_rdzv.config import RendezvousConfig
+    from etcd_rdzv.telemetry import Observer
+
+
+def connect(config: RendezvousConfig, observer: Observer) -> KeyValue:
+    """The transport `config.etcd_api` names; each imports its client library only when chosen."""
+    if config.etcd_api == "v2":
+        from etcd_rdzv.kv.etcd_v2 import EtcdV2
+
+        return EtcdV2.from_config(config, observer)
+    from etcd_rdzv.kv.etcd_v3 import EtcdV3
+
+    return EtcdV3.from_config(config, observer)
+
+
 __all__ = [
     "AlreadyExists",
     "Change",
@@ -27,4 +47,5 @@ __all__ = [
     "KvError",
     "Listing",
     "OutcomeUnknown",
+    "connect",
 ]

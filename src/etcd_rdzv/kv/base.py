@@ -48,8 +48,10 @@ class Entry:
     revision: int
     # The store revision this read reflects; a watch after it misses nothing.
     read_revision: int
-    # Seconds the key has left to live, when it has a TTL (a v2 TTL, a v3 lease).
+    # Seconds the key has left to live, when it has a TTL and the read told it (v2 does).
     ttl: float | None = None
+    # The v3 lease the key is attached to; 0 for none, and always over v2.
+    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,10 @@ class KeyValue(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str) -> Listing:
-        """The keys directly below `prefix`. Raises KeyNotFound when there is no such prefix."""
+        """The keys directly below `prefix`.
+
+        Over v2 an absent directory raises KeyNotFound; v3 has no directories and lists nothing.
+        """
 
     @abc.abstractmethod
     def watch(
@@ -135,6 +140,13 @@ class KeyValue(abc.ABC):
         None when `timeout` passed first, or when etcd no longer holds that history: either
         way the caller re-reads.
         """
+
+    def time_left(self, entry: Entry) -> float | None:
+        """Seconds `entry`'s key has left to live; None when it has no TTL.
+
+        v2 reads carry it; v3 reads do not (it asks the key's lease, one more request).
+        """
+        return entry.ttl
 
     @abc.abstractmethod
     def close(self) -> None:

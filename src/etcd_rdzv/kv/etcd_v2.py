@@ -10,8 +10,6 @@ may have applied raises `OutcomeUnknown`.
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -19,7 +17,7 @@ import etcd
 import urllib3.exceptions
 
 from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
-from etcd_rdzv.errors import EtcdRejectedError, EtcdUnavailableError
+from etcd_rdzv.errors import EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
@@ -30,7 +28,7 @@ from etcd_rdzv.kv.base import (
     Listing,
     OutcomeUnknown,
 )
-from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline
+from etcd_rdzv.kv.failover import Failover, WatchTimedOut
 from etcd_rdzv.telemetry import Observer
 
 T = TypeVar("T")
@@ -61,15 +59,11 @@ class EtcdV2(KeyValue):
         request_timeout: float = 10.0,
         observer: Observer,
     ) -> None:
-        self._endpoints = tuple(endpoints)
-        self._request_timeout = request_timeout
-        self._observer = observer
+        self._failover = Failover(endpoints, request_timeout, observer)
         client_cert: str | tuple[str, str] | None = (cert, key) if cert and key else cert
         self._clients = [
-            _client(ep, protocol, client_cert, cacert, request_timeout) for ep in self._endpoints
+            _client(ep, protocol, client_cert, cacert, request_timeout) for ep in endpoints
         ]
-        self._preferred = 0
-        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: RendezvousConfig, observer: Observer) -> EtcdV2:
@@ -85,7 +79,7 @@ class EtcdV2(KeyValue):
         )
 
     def describe(self) -> str:
-        return ",".join(str(endpoint) for endpoint in self._endpoints)
+        return self._failover.describe()
 
     # --- the interface -----------------------------------------------------------------------
 
@@ -196,43 +190,18 @@ class EtcdV2(KeyValue):
     def _call(
         self, operation: str, key: str, *, idempotent: bool, request: Callable[[etcd.Client], T]
     ) -> T:
-        """Run `request` against the preferred endpoint, failing over and retrying transients."""
-        deadline = Deadline(self._request_timeout)
-        outcome = "unavailable"
-        for attempt in range(TRANSIENT_BACKOFF.max_attempts):
-            index = self._preferred
-            started = time.monotonic()
+        def attempt(index: int) -> T:
             try:
-                result = request(self._clients[index])
-                outcome = "ok"
-                return result
+                return request(self._clients[index])
             except etcd.EtcdWatchTimedOut:
-                outcome = "timeout"
-                return None  # type: ignore[return-value]
-            except etcd.EtcdException as error:
-                where = f"etcd at {self._endpoints[index]}: {operation} {key}"
-                outcome, fatal = _classify(error, key, where, idempotent)
-                if fatal is not None:
-                    if isinstance(fatal, OutcomeUnknown):
-                        self._fail_over(index)
-                    raise fatal from None
-            finally:
-                self._observer.etcd_request(operation, outcome, time.monotonic() - started)
-            self._fail_over(index)
-            if deadline.expired():
-                break
-            self._observer.retry(None, outcome, attempt + 1)
-            TRANSIENT_BACKOFF.sleep(attempt, deadline)
-        raise EtcdUnavailableError(
-            f"etcd at {self.describe()} did not answer {operation} {key} within "
-            f"{self._request_timeout:g}s (last: {outcome}). "
-            "Check that etcd is running and reachable from this host."
-        )
+                raise WatchTimedOut from None
 
-    def _fail_over(self, failed_index: int) -> None:
-        with self._lock:
-            if self._preferred == failed_index:
-                self._preferred = (failed_index + 1) % len(self._clients)
+        def classify(error: Exception, where: str) -> tuple[str, Exception | None]:
+            if not isinstance(error, etcd.EtcdException):
+                return "error", error
+            return _classify(error, key, where, idempotent)
+
+        return self._failover.call(operation, key, attempt, classify)
 
 
 class _HistoryGone(Exception):
@@ -247,8 +216,9 @@ def _classify(
     if "404" in str(payload.get("cause", "")) and "errorCode" not in payload:
         # A plain 404 page instead of etcd's JSON error: the /v2/keys URL itself is missing.
         return "no_v2_api", V2ApiUnavailable(
-            f"{where}: this etcd does not serve the v2 API (HTTP 404). "
-            "Start etcd 3.4/3.5 with --enable-v2."
+            f"{where}: this etcd does not serve the v2 API (HTTP 404): etcd 3.6 and later "
+            "removed it, and 3.4/3.5 serve it only with --enable-v2. Use etcd_api=v3 (the "
+            "default); keep v2 only for a rendezvous shared with torch's etcd backend."
         )
     if isinstance(error, etcd.EtcdKeyNotFound):
         return "not_found", KeyNotFound(key, _index(error))

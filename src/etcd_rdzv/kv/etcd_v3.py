@@ -1,0 +1,543 @@
+"""The etcd v3 API transport: a small client of etcd's gRPC gateway (JSON over HTTP), on urllib3.
+
+Why our own client: the maintained gRPC clients are asyncio-only or pin old protobuf, and the
+one gateway client retries on its own; see docs/etcd-v3.md for the evaluation. The gateway is
+served by every etcd from 3.4 on at `/v3/`, needs no generated code, and gives the same
+control over failover and retries as the v2 transport: a request that may have applied is never
+re-sent blindly; it raises `OutcomeUnknown`.
+
+How v2 ideas map onto v3:
+- A TTL key is a key attached to a lease of its own. Leases are granted one second longer than
+  asked, so a lease left unused by a lost compare-and-swap can serve the retry within a second
+  and the key still lives at least its TTL. `refresh` is a lease keep-alive.
+- A v2 directory with a TTL (the run directory) becomes a marker key attached to a lease, and
+  every key written below it without a TTL of its own is attached to that lease: the run's keys
+  still vanish together when the last agent stops refreshing the run. Agents find the lease on
+  the marker, so any of them keeps it alive.
+- Revisions are `mod_revision`s; compare-and-swap is a transaction on `mod_revision`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import urllib3
+import urllib3.exceptions
+
+from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
+from etcd_rdzv.errors import EtcdRejectedError
+from etcd_rdzv.kv.base import (
+    AlreadyExists,
+    Change,
+    CompareFailed,
+    Entry,
+    KeyNotFound,
+    KeyValue,
+    Listing,
+    OutcomeUnknown,
+)
+from etcd_rdzv.kv.failover import Failover, WatchTimedOut
+from etcd_rdzv.telemetry import Observer
+
+Json = dict[str, Any]
+
+# Errors raised before a request left this process: nothing can have applied.
+_NOT_SENT = (
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ConnectTimeoutError,
+    urllib3.exceptions.NameResolutionError,
+)
+# The request was sent and the answer lost: applied or not, nobody can tell.
+_ANSWER_LOST = (
+    urllib3.exceptions.ReadTimeoutError,
+    urllib3.exceptions.ProtocolError,
+)
+
+# gRPC status codes the gateway reports in `code`.
+_NOT_FOUND = 5
+_PERMISSION_DENIED = 7
+_RESOURCE_EXHAUSTED = 8
+_OUT_OF_RANGE = 11
+_UNAVAILABLE = 14
+_DEADLINE_EXCEEDED = 4
+_UNAUTHENTICATED = 16
+
+# etcd answers these before proposing anything: safe to retry any request.
+_NOT_APPLIED = ("no leader", "too many requests", "not capable")
+# Leases granted this much longer than asked; a spare lease serves retries for as long.
+_LEASE_MARGIN_SECONDS = 1.0
+
+
+class V3ApiUnavailable(EtcdRejectedError):
+    """The server answers HTTP but serves no v3 JSON gateway at /v3/ (etcd before 3.4)."""
+
+
+class _GatewayError(Exception):
+    def __init__(self, status: int, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _LeaseGone(Exception):
+    """A write named a lease that has expired."""
+
+
+class _HistoryGone(Exception):
+    """etcd compacted the revisions a watch asked for; the caller re-reads."""
+
+
+class _StreamEnded(Exception):
+    """The server closed a watch stream without an event (it is shutting down)."""
+
+
+class EtcdV3(KeyValue):
+    def __init__(
+        self,
+        endpoints: Sequence[EtcdEndpoint],
+        *,
+        protocol: str = "http",
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        request_timeout: float = 10.0,
+        observer: Observer,
+    ) -> None:
+        self._failover = Failover(endpoints, request_timeout, observer)
+        self._urls = [f"{protocol}://{endpoint}/v3" for endpoint in endpoints]
+        self._request_timeout = request_timeout
+        tls: Json = {}
+        if protocol == "https":
+            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": cacert}
+            if cert:
+                tls.update(cert_file=cert, key_file=key)
+        # Watches and keep-alive threads hold connections at the same time as the main thread.
+        self._http = urllib3.PoolManager(num_pools=len(endpoints), maxsize=4, **tls)
+        self._lock = threading.Lock()
+        # The lease of each TTL key this process wrote, so a refresh needs no read.
+        self._key_leases: dict[str, int] = {}
+        # Directory marker key -> (lease, ttl) that keys below it without a TTL attach to.
+        self._directories: dict[str, tuple[int, float]] = {}
+        # Leases granted for a write that lost its compare: no key uses them yet.
+        self._spares: dict[int, tuple[int, float]] = {}
+
+    @classmethod
+    def from_config(cls, config: RendezvousConfig, observer: Observer) -> EtcdV3:
+        tls = config.tls
+        return cls(
+            config.endpoints,
+            protocol=config.protocol,
+            cacert=str(tls.cacert) if tls.cacert else None,
+            cert=str(tls.cert) if tls.cert else None,
+            key=str(tls.key) if tls.key else None,
+            request_timeout=config.request_timeout,
+            observer=observer,
+        )
+
+    def describe(self) -> str:
+        return self._failover.describe()
+
+    # --- the interface -----------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry:
+        reply = self._call("get", key, "/kv/range", {"key": _encode(key)}, idempotent=True)
+        kvs = reply.get("kvs")
+        if not kvs:
+            raise KeyNotFound(key, _revision(reply))
+        return _entry(kvs[0], _revision(reply))
+
+    def create(self, key: str, value: str, ttl: float | None = None) -> Entry:
+        revision = self._write("create", key, value, ttl, compare=_absent(key))
+        if revision is None:
+            raise AlreadyExists(key)
+        return Entry(key, value, revision, revision, ttl)
+
+    def put(self, key: str, value: str, ttl: float | None = None) -> Entry:
+        revision = self._write("put", key, value, ttl, compare=None)
+        assert revision is not None
+        return Entry(key, value, revision, revision, ttl)
+
+    def compare_and_swap(
+        self, key: str, value: str, expected: Entry, ttl: float | None = None
+    ) -> Entry:
+        revision = self._write("compare_and_swap", key, value, ttl, compare=_unchanged(expected))
+        if revision is None:
+            raise CompareFailed(key)
+        return Entry(key, value, revision, revision, ttl)
+
+    def compare_and_delete(self, key: str, expected: Entry) -> None:
+        txn = {
+            "compare": [_unchanged(expected)],
+            "success": [{"request_delete_range": {"key": _encode(key)}}],
+        }
+        reply = self._call("compare_and_delete", key, "/kv/txn", txn, idempotent=False)
+        if not reply.get("succeeded"):
+            raise CompareFailed(key)
+        with self._lock:
+            self._key_leases.pop(key, None)
+
+    def refresh(self, key: str, ttl: float) -> None:
+        lease = self._lease_of(key)
+        reply = self._call("refresh", key, "/lease/keepalive", {"ID": str(lease)}, idempotent=True)
+        # The keep-alive endpoint streams; one request gets one `result`. No TTL: expired.
+        if int(reply.get("result", reply).get("TTL", 0)) <= 0:
+            with self._lock:
+                self._key_leases.pop(key, None)
+                self._directories.pop(key, None)
+            raise KeyNotFound(key, _revision(reply.get("result", reply)))
+
+    def ensure_directory(self, key: str, ttl: float | None = None) -> None:
+        """v3 has no directories; one with a TTL becomes a marker key holding its lease."""
+        if ttl is None:
+            return
+        lease = self._directory_lease(key, ttl)
+        if lease is not None:
+            with self._lock:
+                self._directories[key] = (lease, ttl)
+
+    def list(self, prefix: str) -> Listing:
+        """The keys directly below `prefix`; an absent prefix is an empty listing over v3."""
+        start = prefix.rstrip("/") + "/"
+        body = {"key": _encode(start), "range_end": _encode(_prefix_end(start))}
+        reply = self._call("list", prefix, "/kv/range", body, idempotent=True)
+        revision = _revision(reply)
+        entries = (_entry(kv, revision) for kv in reply.get("kvs", ()))
+        return Listing(
+            tuple(entry for entry in entries if "/" not in entry.key[len(start) :]), revision
+        )
+
+    def watch(
+        self, key: str, after_revision: int, timeout: float, recursive: bool = False
+    ) -> Change | None:
+        if timeout <= 0:
+            return None
+        create: Json = {"key": _encode(key), "start_revision": str(after_revision + 1)}
+        if recursive:
+            start = key.rstrip("/") + "/"
+            create.update(key=_encode(start), range_end=_encode(_prefix_end(start)))
+
+        def request(index: int) -> Change:
+            return self._first_event(index, {"create_request": create}, timeout)
+
+        try:
+            return self._failover.call("watch", key, request, self._classifier(key, True))
+        except _HistoryGone:
+            return None
+
+    def time_left(self, entry: Entry) -> float | None:
+        if not entry.lease:
+            return None
+        reply = self._call(
+            "get", entry.key, "/lease/timetolive", {"ID": str(entry.lease)}, idempotent=True
+        )
+        return max(0.0, float(reply.get("TTL", 0)))
+
+    def close(self) -> None:
+        self._http.clear()
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def _write(
+        self, operation: str, key: str, value: str, ttl: float | None, compare: Json | None
+    ) -> int | None:
+        """Put `value` (only if `compare` holds); the new revision, or None if it did not."""
+        for attempt in range(2):
+            lease, granted = self._lease_for(key, ttl)
+            put = {"key": _encode(key), "value": _encode(value), "lease": str(lease)}
+            try:
+                if compare is None:
+                    reply = self._call(operation, key, "/kv/put", put, idempotent=True)
+                else:
+                    txn = {"compare": [compare], "success": [{"request_put": put}]}
+                    reply = self._call(operation, key, "/kv/txn", txn, idempotent=False)
+            except _LeaseGone:
+                # The directory's lease expired under us (every agent stopped refreshing it):
+                # give the directory a new one and write once more.
+                if attempt or not self._renew_directory_of(key):
+                    raise EtcdRejectedError(
+                        f"etcd at {self.describe()}: the lease of {key} expired"
+                    ) from None
+                continue
+            if compare is not None and not reply.get("succeeded"):
+                if granted and ttl is not None:
+                    self._keep_spare(lease, ttl)
+                return None
+            with self._lock:
+                if granted:
+                    self._key_leases[key] = lease
+                else:
+                    self._key_leases.pop(key, None)
+            return _revision(reply)
+        return None  # unreachable: the loop returns or raises
+
+    def _lease_for(self, key: str, ttl: float | None) -> tuple[int, bool]:
+        """(lease, granted for this key); without a TTL, the enclosing directory's lease or 0."""
+        if ttl is not None:
+            return self._grant(ttl), True
+        with self._lock:
+            enclosing = [d for d in self._directories if key.startswith(d.rstrip("/") + "/")]
+            if not enclosing:
+                return 0, False
+            return self._directories[max(enclosing, key=len)][0], False
+
+    def _grant(self, ttl: float) -> int:
+        seconds = _lease_seconds(ttl)
+        with self._lock:
+            spare = self._spares.pop(seconds, None)
+        if spare is not None and time.monotonic() - spare[1] < _LEASE_MARGIN_SECONDS:
+            return spare[0]
+        reply = self._call(
+            "grant_lease", f"ttl={seconds}", "/lease/grant", {"TTL": str(seconds)}, idempotent=False
+        )
+        return int(reply["ID"])
+
+    def _keep_spare(self, lease: int, ttl: float) -> None:
+        with self._lock:
+            self._spares[_lease_seconds(ttl)] = (lease, time.monotonic())
+
+    def _lease_of(self, key: str) -> int:
+        with self._lock:
+            if key in self._directories:
+                return self._directories[key][0]
+            if key in self._key_leases:
+                return self._key_leases[key]
+        lease = self.get(key).lease  # a key this process did not write
+        if not lease:
+            raise EtcdRejectedError(f"etcd at {self.describe()}: {key} has no TTL to refresh")
+        return lease
+
+    def _directory_lease(self, key: str, ttl: float) -> int | None:
+        """The lease on the directory's marker key, creating both if absent.
+
+        None for a marker without a lease: keys below it stay permanent, as written there.
+        """
+        try:
+            return self.get(key).lease or None
+        except KeyNotFound:
+            pass
+        lease = self._grant(ttl)
+        marker = _encode(key)
+        txn = {
+            "compare": [_absent(key)],
+            "success": [{"request_put": {"key": marker, "lease": str(lease)}}],
+        }
+        try:
+            if self._call("create", key, "/kv/txn", txn, idempotent=False).get("succeeded"):
+                return lease
+        except OutcomeUnknown:
+            pass
+        # Another agent created the marker first (or our lost write did): use what is there.
+        self._keep_spare(lease, ttl)
+        try:
+            return self.get(key).lease or None
+        except KeyNotFound:
+            return None
+
+    def _renew_directory_of(self, key: str) -> bool:
+        with self._lock:
+            enclosing = [d for d in self._directories if key.startswith(d.rstrip("/") + "/")]
+            if not enclosing:
+                return False
+            directory = max(enclosing, key=len)
+            _, ttl = self._directories.pop(directory)
+        self.ensure_directory(directory, ttl)
+        return True
+
+    # --- execution ---------------------------------------------------------------------------
+
+    def _call(self, operation: str, key: str, path: str, body: Json, *, idempotent: bool) -> Json:
+        def request(index: int) -> Json:
+            response = self._http.request(
+                "POST",
+                self._urls[index] + path,
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=urllib3.Timeout(self._request_timeout),
+                retries=False,
+            )
+            reply = _json(response.data)
+            if response.status != 200 or not isinstance(reply, dict):
+                raise _gateway_error(response.status, reply, response.data)
+            return reply
+
+        return self._failover.call(operation, key, request, self._classifier(key, idempotent))
+
+    def _first_event(self, index: int, create: Json, timeout: float) -> Change:
+        """Open a watch stream and wait for its first event; WatchTimedOut if none comes."""
+        response = self._http.request(
+            "POST",
+            self._urls[index] + "/watch",
+            body=json.dumps(create).encode(),
+            headers={"Content-Type": "application/json"},
+            timeout=urllib3.Timeout(connect=self._request_timeout, read=timeout),
+            retries=False,
+            preload_content=False,
+        )
+        give_up_at = time.monotonic() + timeout
+        try:
+            if response.status != 200:
+                data = response.read()
+                raise _gateway_error(response.status, _json(data), data)
+            for message in _json_lines(response):
+                if "error" in message:
+                    raise _stream_error(message["error"])
+                result = message.get("result", {})
+                if result.get("canceled") or "compact_revision" in result:
+                    raise _HistoryGone()
+                events = result.get("events")
+                if events:
+                    return _change(events[0])
+                if time.monotonic() >= give_up_at:
+                    raise WatchTimedOut()
+            raise _StreamEnded()
+        except urllib3.exceptions.ReadTimeoutError:
+            raise WatchTimedOut() from None
+        finally:
+            # A stream stopped mid-way cannot go back to the pool.
+            response.close()
+            response.release_conn()
+
+    def _classifier(
+        self, key: str, idempotent: bool
+    ) -> Callable[[Exception, str], tuple[str, Exception | None]]:
+        def classify(error: Exception, where: str) -> tuple[str, Exception | None]:
+            return _classify(error, key, where, idempotent)
+
+        return classify
+
+
+def _classify(
+    error: Exception, key: str, where: str, idempotent: bool
+) -> tuple[str, Exception | None]:
+    """The outcome to report, and the error to raise (None: a transient failure to retry)."""
+    if isinstance(error, _HistoryGone):
+        return "history_gone", error
+    if isinstance(error, _StreamEnded):
+        return "unavailable", None
+    if isinstance(error, urllib3.exceptions.SSLError):
+        return "tls_error", EtcdRejectedError(
+            f"{where}: TLS handshake failed ({error}). Check cacert, cert and key."
+        )
+    if isinstance(error, _NOT_SENT):
+        return "unavailable", None
+    if isinstance(error, _ANSWER_LOST):
+        if idempotent:
+            return "unavailable", None
+        return "outcome_unknown", OutcomeUnknown(f"{where}: answer lost ({error!r})")
+    if not isinstance(error, _GatewayError):
+        return "error", error
+    message = error.message
+    if error.code is None:
+        if error.status == 404:
+            return "no_v3_api", V3ApiUnavailable(
+                f"{where}: this server does not serve etcd's v3 JSON API at /v3/ (HTTP 404). "
+                "etcd 3.4 or later is needed for etcd_api=v3; with an older etcd started "
+                "with v2 on, use etcd_api=v2."
+            )
+        return "error", EtcdRejectedError(f"{where}: HTTP {error.status}: {message}")
+    if error.code == _NOT_FOUND and "lease not found" in message:
+        return "lease_not_found", _LeaseGone(message)
+    if error.code == _OUT_OF_RANGE and "compacted" in message:
+        return "history_gone", _HistoryGone()
+    if error.code == _PERMISSION_DENIED:
+        return "permission_denied", EtcdRejectedError(
+            f"{where}: refused ({message}). Check the etcd user and its role on this prefix."
+        )
+    if error.code in (_UNAVAILABLE, _DEADLINE_EXCEEDED, _RESOURCE_EXHAUSTED):
+        if any(reason in message for reason in _NOT_APPLIED):
+            return "leader_election", None
+        if idempotent:
+            return "unavailable", None
+        return "outcome_unknown", OutcomeUnknown(f"{where}: {message}")
+    return "error", EtcdRejectedError(f"{where}: {message} (gRPC code {error.code})")
+
+
+def _gateway_error(status: int, reply: Json | None, raw: bytes) -> _GatewayError:
+    if reply is None or "code" not in reply:
+        return _GatewayError(status, None, raw[:200].decode(errors="replace").strip())
+    message = reply.get("message") or reply.get("error")
+    return _GatewayError(status, int(reply["code"]), str(message))
+
+
+def _stream_error(error: Any) -> _GatewayError:
+    if not isinstance(error, dict):
+        return _GatewayError(200, None, str(error))
+    return _GatewayError(
+        int(error.get("http_code", 200)), int(error.get("grpc_code", 2)), str(error.get("message"))
+    )
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _json_lines(response: urllib3.BaseHTTPResponse) -> Iterator[Json]:
+    buffered = b""
+    for chunk in response.stream(4096):
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _absent(key: str) -> Json:
+    return {"key": _encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+
+
+def _unchanged(expected: Entry) -> Json:
+    return {
+        "key": _encode(expected.key),
+        "target": "MOD",
+        "result": "EQUAL",
+        "mod_revision": str(expected.revision),
+    }
+
+
+def _entry(kv: Json, read_revision: int) -> Entry:
+    return Entry(
+        _decode(kv["key"]),
+        _decode(kv.get("value", "")),
+        int(kv.get("mod_revision", 0)),
+        read_revision,
+        lease=int(kv.get("lease", 0)),
+    )
+
+
+def _change(event: Json) -> Change:
+    kv = event.get("kv", {})
+    # The gateway omits enum zero values: an event without `type` is a PUT.
+    value = None if event.get("type") == "DELETE" else _decode(kv.get("value", ""))
+    return Change(_decode(kv["key"]), value, int(kv.get("mod_revision", 0)))
+
+
+def _revision(reply: Json) -> int:
+    return int(reply.get("header", {}).get("revision", 0))
+
+
+def _lease_seconds(ttl: float) -> int:
+    return max(1, math.ceil(ttl + _LEASE_MARGIN_SECONDS))
+
+
+def _encode(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _decode(data: str) -> str:
+    # Garbage bytes stay visible (and fail state decoding with the key named) instead of raising.
+    return base64.b64decode(data).decode(errors="replace")
+
+
+def _prefix_end(prefix: str) -> str:
+    """The smallest key after every key that starts with `prefix` (a '/'-terminated path)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
