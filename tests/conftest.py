@@ -186,7 +186,9 @@ def etcd_keys(server: LocalEtcd, api: str, prefix: str) -> set[str]:
         else [etcdctl, endpoints, "ls", "--recursive", "-p", prefix]
     )
     environment = {**os.environ, "ETCDCTL_API": api.removeprefix("v")}
-    listed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30)
+    listed = subprocess.run(
+        command, env=environment, capture_output=True, text=True, timeout=30, check=False
+    )
     if listed.returncode != 0 and "Key not found" in listed.stderr:
         return set()
     listed.check_returncode()

@@ -415,6 +415,8 @@ def _etcd_command(
         f"--initial-cluster={initial_cluster}",
         "--initial-cluster-state=new",
         f"--initial-cluster-token={cluster_token}",
+        # Per-method gRPC latency histograms, which the etcd dashboard charts (as compose runs).
+        "--metrics=extensive",
     ]
     if enable_v2:
         command.append("--enable-v2=true")

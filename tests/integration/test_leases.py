@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from etcd_rdzv.config import parse_endpoints
-from etcd_rdzv.kv.etcd_v2 import EtcdV2
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.local_etcd import LocalEtcd
 from etcd_rdzv.telemetry import Observer
-from tests.conftest import EtcdFactory
+from tests.conftest import EtcdFactory, open_kv
 
 
 class RefreshLog(Observer):
@@ -28,10 +26,12 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def test_refresher_survives_an_etcd_that_stops_answering(etcd_factory: EtcdFactory) -> None:
+def test_refresher_survives_an_etcd_that_stops_answering(
+    etcd_factory: EtcdFactory, etcd_api: str
+) -> None:
     server: LocalEtcd = etcd_factory()
     refreshes = RefreshLog()
-    kv = EtcdV2(parse_endpoints(server.endpoint), request_timeout=0.5, observer=refreshes)
+    kv = open_kv(server, etcd_api, request_timeout=0.5, observer=refreshes)
     kv.put("/lease-test/rank_0", "me", ttl=30)
     keep_alive = KeepAlive(kv, "/lease-test/rank_0", ttl=0.9, kind="rank", observer=refreshes)
     keep_alive.start()

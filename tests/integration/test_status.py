@@ -15,16 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import etcd as python_etcd
 import pytest
 
 from etcd_rdzv.cli import main
-from etcd_rdzv.config import EtcdEndpoint
-from etcd_rdzv.kv.etcd_v2 import EtcdV2
+from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from etcd_rdzv.protocol import Status
 from etcd_rdzv.status import (
@@ -36,7 +34,6 @@ from etcd_rdzv.status import (
     UnknownRun,
     read_snapshot,
 )
-from etcd_rdzv.telemetry import NOOP_OBSERVER
 from tests.support.harness import ParticipantGroup, check_membership
 
 BACKEND = "etcd-rdzv"
@@ -44,20 +41,6 @@ PREFIX = "/torchelastic/p2p"
 FAST = {"last_call_timeout": "1", "keep_alive_ttl": "2", "timeout": "60"}
 CONSOLE_SCRIPT = Path(sys.executable).with_name("etcd-rdzv")
 HOST = socket.gethostname()
-
-
-@pytest.fixture
-def kv(etcd: LocalEtcd) -> Iterator[EtcdV2]:
-    host, port = etcd.endpoint.rsplit(":", 1)
-    transport = EtcdV2([EtcdEndpoint(host, int(port))], observer=NOOP_OBSERVER)
-    yield transport
-    transport.close()
-
-
-@pytest.fixture
-def client(etcd: LocalEtcd) -> python_etcd.Client:
-    host, port = etcd.endpoint.rsplit(":", 1)
-    return python_etcd.Client(host=host, port=int(port))
 
 
 def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_nodes: int
@@ -73,7 +56,7 @@ def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_node
 
 
 def wait_for(
-    kv: EtcdV2, run_id: str, condition: str, check: Callable[[Snapshot], bool], timeout: float
+    kv: KeyValue, run_id: str, condition: str, check: Callable[[Snapshot], bool], timeout: float
 ) -> Snapshot:
     """Read the run, and watch for its next change until `check` holds; bounded."""
     deadline = time.monotonic() + timeout
@@ -106,7 +89,7 @@ def diagnosis(out: str) -> str:
 
 
 def test_joinable_waiting_for_more_nodes(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with group(tmp_path, etcd, run_id, 2, 2) as nodes:
         (lone,) = nodes.start(1, backend=BACKEND)
@@ -141,7 +124,7 @@ def test_joinable_waiting_for_more_nodes(
 
 
 def test_frozen_waiting_for_confirmations(
-    etcd: LocalEtcd, run_id: str, client: python_etcd.Client, capsys: pytest.CaptureFixture[str]
+    etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A frozen version lasts only until its last confirmation, too short to hold with real
     # nodes, so this test writes one itself, exactly as torch's etcd backend formats it (as a
@@ -154,11 +137,11 @@ def test_frozen_waiting_for_confirmations(
         "participants": [0, 1, 2],
         "keep_alives": [f"{rdzv}/v_1/rank_0"],
     }
-    client.write(f"{rdzv}/version_counter", "1")
-    client.write(f"{rdzv}/active_version", json.dumps(state), ttl=60)
+    kv.put(f"{rdzv}/version_counter", "1")
+    kv.put(f"{rdzv}/active_version", json.dumps(state), ttl=60)
     for rank, host in ((0, "host-a"), (1, "host-b")):
         identity = {"host": host, "addr": f"10.0.0.{rank}", "pid": 100 + rank}
-        client.write(f"{rdzv}/v_1/rank_{rank}", json.dumps(identity), ttl=60)
+        kv.put(f"{rdzv}/v_1/rank_{rank}", json.dumps(identity), ttl=60)
 
     code, out, err = status(capsys, etcd, run_id)
     assert code == EXIT_OK, err
@@ -179,7 +162,7 @@ def test_frozen_waiting_for_confirmations(
 
 
 def test_final_with_a_late_node_waiting(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with group(tmp_path, etcd, run_id, 2, 3) as nodes:
         members = nodes.start(2, backend=BACKEND)
@@ -216,7 +199,7 @@ def test_final_with_a_late_node_waiting(
 
 
 def test_closed(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with group(tmp_path, etcd, run_id, 1, 1) as nodes:
         (member,) = nodes.start(1, backend=BACKEND)
@@ -241,7 +224,7 @@ def _lines(stream: IO[str], sink: queue.Queue[str | None]) -> None:
 
 
 def test_watch_as_the_console_script_renders_each_change(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: EtcdV2
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
     with group(tmp_path, etcd, run_id, 2, 2) as nodes:
         (first,) = nodes.start(1, backend=BACKEND)
@@ -314,17 +297,17 @@ def test_unknown_run_id(etcd: LocalEtcd, run_id: str, capsys: pytest.CaptureFixt
 
 
 def test_garbage_state_names_the_key(
-    etcd: LocalEtcd, run_id: str, client: python_etcd.Client, capsys: pytest.CaptureFixture[str]
+    etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = f"{PREFIX}/run_{run_id}/rdzv/active_version"
-    client.write(key, '{"status": "joinable", "version": "1", "participa')
+    kv.put(key, '{"status": "joinable", "version": "1", "participa')
     code, out, err = status(capsys, etcd, run_id)
     assert (code, out) == (EXIT_CONFIG, "")
     assert key in err
     assert "not JSON" in err
     assert "Traceback" not in err
     # Read-only: never repaired.
-    assert client.get(key).value.endswith("participa")
+    assert kv.get(key).value.endswith("participa")
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:2379", "host:port", "a:99999"])

@@ -10,11 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import etcd as python_etcd
 from prometheus_client.parser import text_string_to_metric_families
 
+from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
-from tests.support.harness import Participant, ParticipantGroup, check_membership
+from tests.support.harness import (
+    Participant,
+    ParticipantGroup,
+    check_membership,
+    leave_stale_frozen_version,
+)
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
 
@@ -57,15 +62,11 @@ def events_of(participant: Participant) -> list[dict[str, Any]]:
 
 
 def test_every_documented_span_and_metric_is_emitted(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str
+    tmp_path: Path, etcd: LocalEtcd, kv: KeyValue, run_id: str
 ) -> None:
     trace_file = tmp_path / "traces.jsonl"
     # A frozen version left by a dead run makes the first setup wait, then retry.
-    client = python_etcd.Client(host="127.0.0.1", port=int(etcd.endpoint.rsplit(":", 1)[1]))
-    base = f"/torchelastic/p2p/run_{run_id}/rdzv"
-    client.write(f"{base}/version_counter", "1")
-    stale = {"status": "frozen", "version": "1", "participants": [0, 1], "keep_alives": []}
-    client.write(f"{base}/active_version", json.dumps(stale), ttl=1)
+    leave_stale_frozen_version(kv, run_id)
 
     ports = free_loopback_ports(3)
     conf = {"last_call_timeout": "1", "keep_alive_ttl": "1.5", "trace_file": str(trace_file)}

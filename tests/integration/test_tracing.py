@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import etcd as python_etcd
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -21,10 +19,12 @@ from opentelemetry.trace import StatusCode
 from torch.distributed.elastic.rendezvous import RendezvousParameters, RendezvousTimeoutError
 
 from etcd_rdzv.handler import EtcdRdzvHandler, create_handler
+from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd
 from etcd_rdzv.telemetry import FanOut
 from etcd_rdzv.telemetry.export import shutdown_provider
 from etcd_rdzv.telemetry.tracing import TracingObserver
+from tests.support.harness import leave_stale_frozen_version
 
 PHASES_OF_A_MEMBER = {
     "rendezvous.join",
@@ -137,15 +137,15 @@ def test_last_call_span_only_on_the_node_that_holds_it(
 
 
 def test_a_retried_join_shows_its_retry_and_both_attempts(
-    etcd: LocalEtcd, provider: TracerProvider, exporter: InMemorySpanExporter, run_id: str
+    etcd: LocalEtcd,
+    kv: KeyValue,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    run_id: str,
 ) -> None:
     # A frozen version left by a dead run: the node waits until its TTL ends, then starts over
     # and opens the next version.
-    client = python_etcd.Client(host="127.0.0.1", port=int(etcd.endpoint.rsplit(":", 1)[1]))
-    base = f"/torchelastic/p2p/run_{run_id}/rdzv"
-    client.write(f"{base}/version_counter", "1")
-    stale = {"status": "frozen", "version": "1", "participants": [0, 1], "keep_alives": []}
-    client.write(f"{base}/active_version", json.dumps(stale), ttl=1)
+    leave_stale_frozen_version(kv, run_id)
 
     (node,) = handlers(etcd, provider, run_id, 1)
     node.next_rendezvous()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.local_etcd import LocalEtcd, reserved_loopback_ports
+from tests.conftest import only_etcd_api
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 from tests.support.prometheus import (
     JsonDict,
@@ -327,6 +328,7 @@ def assert_shipped_rules_quiet_and_healthy(prometheus: LocalPrometheus) -> None:
 
 
 @pytest.mark.timeout(120)
+@only_etcd_api("v3")  # the alert reads agent metrics, the same over either API
 def test_stalled_alert_fires_for_a_node_held_in_one_phase(
     tmp_path: Path, etcd: LocalEtcd, run_id: str
 ) -> None:

@@ -8,7 +8,6 @@ scrapes the agents and etcd, then sends every panel's query to Prometheus as Gra
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -17,13 +16,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import etcd as python_etcd
 import pytest
 
+from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from tests.conftest import only_etcd_api
 from tests.ops import dashboards
 from tests.ops.dashboards import JsonDict, Target
-from tests.support.harness import Participant, ParticipantGroup, check_membership
+from tests.support.harness import (
+    Participant,
+    ParticipantGroup,
+    check_membership,
+    leave_stale_frozen_version,
+)
 from tests.support.prometheus import (
     LocalPrometheus,
     PrometheusError,
@@ -301,7 +306,13 @@ def wait_until_waiting_seen(member: Participant) -> None:
 
 @contextmanager
 def rendezvous_with_retry_and_late_node(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, prometheus: LocalPrometheus, agents: list[str]
+    tmp_path: Path,
+    etcd: LocalEtcd,
+    *,
+    kv: KeyValue,
+    run_id: str,
+    prometheus: LocalPrometheus,
+    agents: list[str],
 ) -> Iterator[None]:
     """Two nodes rendezvous past a stale frozen version (a retry); a late node waits while
     Prometheus watches, and all three re-rendezvous. The agents run until the block ends."""
@@ -330,11 +341,7 @@ def rendezvous_with_retry_and_late_node(
 
         # A frozen version left by a dead run: the first setup waits for it to expire, then
         # starts over (a retry).
-        client = python_etcd.Client(host=LOOPBACK, port=etcd.client_port)
-        base = f"/torchelastic/p2p/run_{run_id}/rdzv"
-        client.write(f"{base}/version_counter", "1")
-        stale = {"status": "frozen", "version": "1", "participants": [0, 1], "keep_alives": []}
-        client.write(f"{base}/active_version", json.dumps(stale), ttl=1)
+        leave_stale_frozen_version(kv, run_id)
         check_membership(group.rendezvous_all(RENDEZVOUS_TIMEOUT, participants=[first, second]))
 
         # The late node waits for the running version to end, long enough for Prometheus to
@@ -488,8 +495,9 @@ def late_prometheus_shows_no_past_events(tmp_path: Path, targets: list[Target], 
     )
 
 
+@only_etcd_api("v3")  # what docker-compose.yml runs: etcd without the v2 API
 def test_every_panel_shows_data_from_a_real_run(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str
+    tmp_path: Path, etcd: LocalEtcd, kv: KeyValue, run_id: str
 ) -> None:
     began = time.monotonic()
     boards = by_uid()
@@ -501,7 +509,9 @@ def test_every_panel_shows_data_from_a_real_run(
     run = Run(run_id, agents, etcd_instance, started=time.time())
     with (
         stopping(prometheus),
-        rendezvous_with_retry_and_late_node(tmp_path, etcd, run_id, prometheus, agents),
+        rendezvous_with_retry_and_late_node(
+            tmp_path, etcd, kv=kv, run_id=run_id, prometheus=prometheus, agents=agents
+        ),
     ):
         ran = time.monotonic() - began
         results = every_target_shows_data(prometheus, targets, run)

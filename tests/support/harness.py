@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.logfiles import log_tail
 
 # Every participant serves its metrics, as a real agent does, but only on loopback and on a
@@ -356,6 +357,15 @@ def rendezvous_together(participants: Iterable[Participant], timeout: float) -> 
         participant.send({"cmd": "rendezvous"})
     deadline = time.monotonic() + timeout
     return [p.expect_rendezvous(max(0.0, deadline - time.monotonic())) for p in chosen]
+
+
+def leave_stale_frozen_version(kv: KeyValue, run_id: str, ttl: float = 1.0) -> None:
+    """A frozen version 1 that a dead run left behind: a node's first setup waits for its TTL
+    to end, then starts over (one retry) and opens version 2."""
+    base = f"/torchelastic/p2p/run_{run_id}/rdzv"
+    kv.put(f"{base}/version_counter", "1")
+    stale = {"status": "frozen", "version": "1", "participants": [0, 1], "keep_alives": []}
+    kv.put(f"{base}/active_version", json.dumps(stale), ttl=ttl)
 
 
 def check_membership(results: Iterable[Mapping[str, Any]]) -> None:
