@@ -301,6 +301,8 @@ class DemoOptions:
     out: Path | None
     worker: Path | None
     timeout: float
+    # v3 against an etcd without the v2 API, as etcd 3.6 and later are; v2 shows torch's layout.
+    etcd_api: str = "v3"
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
         default=DEFAULT_JOB_TIMEOUT_SECONDS,
         help="seconds before the job is stopped as hung (default 120)",
     )
+    parser.add_argument(
+        "--etcd-api",
+        choices=("v3", "v2"),
+        default="v3",
+        help="etcd API the agents speak (default v3; v2 starts etcd with --enable-v2)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
@@ -373,7 +381,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
         parser.error("--nproc-per-node must be at least 1")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
-    return DemoOptions(args.nodes, args.nproc_per_node, args.out, args.worker, args.timeout)
+    return DemoOptions(
+        args.nodes, args.nproc_per_node, args.out, args.worker, args.timeout, args.etcd_api
+    )
 
 
 def find_worker_script(explicit: Path | None, cwd: Path) -> Path:
@@ -434,6 +444,7 @@ def start_node(
         worker_args=("--out", str(results_dir)),
         rdzv_conf={
             "timeout": f"{DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS:g}",
+            "etcd_api": options.etcd_api,
             "metrics_addr": LOOPBACK,
             "metrics_port": str(metrics_port),
             # Every agent appends its spans to one file: the run's traces, side by side.
@@ -557,10 +568,12 @@ def run_demo(options: DemoOptions, cwd: Path) -> int:
     etcd_log = run_dir / "etcd.log"
     # No data_dir: etcd's data (tens of MB of preallocated WAL) goes to a temporary
     # directory that close() removes; only its log is kept with the run.
-    with start_local_etcd(name="etcd-rdzv-demo", log_path=etcd_log) as etcd:
+    with start_local_etcd(
+        name="etcd-rdzv-demo", log_path=etcd_log, enable_v2=options.etcd_api == "v2"
+    ) as etcd:
         print(
             f"etcd-rdzv demo: {options.nodes} nodes x {options.nproc_per_node} worker(s), "
-            f"etcd at {etcd.endpoint}, run id {run_id}",
+            f"etcd at {etcd.endpoint} (API {options.etcd_api}), run id {run_id}",
             flush=True,
         )
         nodes: list[Node] = []

@@ -111,6 +111,7 @@ def test_demo_runs_a_two_node_job_and_reports_every_node(demo: DemoRunner, tmp_p
 
     assert run.returncode == 0, run
     assert "OK: 2 nodes formed one world of 2 workers" in run.stdout, run
+    assert "(API v3)" in run.stdout, run  # the default
     node_lines = {
         name: re.search(rf"^  {name}: group rank (\d), rank (\d), world size (\d+), (.*)$",
                         run.stdout, re.MULTILINE)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.local_etcd import LocalEtcd
+from tests.conftest import only_etcd_api
 from tests.support.harness import (
     ParticipantError,
     ParticipantGroup,
@@ -22,6 +23,7 @@ RENDEZVOUS_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
 
 
+@only_etcd_api("v2")  # torch's etcd backend speaks nothing else
 def test_two_participants_rendezvous_and_share_the_store(
     etcd: LocalEtcd, run_id: str, tmp_path: Path
 ) -> None:
@@ -62,6 +64,7 @@ def test_two_participants_rendezvous_and_share_the_store(
         assert sorted(counts) == [1, 2]
 
 
+@only_etcd_api("v2")  # torch's etcd backend speaks nothing else
 def test_group_controls_the_run_and_reports_errors(
     etcd: LocalEtcd, run_id: str, tmp_path: Path
 ) -> None:
@@ -90,6 +93,7 @@ def test_group_controls_the_run_and_reports_errors(
     assert exit_codes == {first.name: 0, second.name: 0}
 
 
+@only_etcd_api("v2")  # torch's etcd backend speaks nothing else
 def test_failures_are_reported_not_hidden(etcd: LocalEtcd, run_id: str, tmp_path: Path) -> None:
     with ParticipantGroup(
         tmp_path, endpoint=etcd.endpoint, run_id=run_id, min_nodes=2, max_nodes=2

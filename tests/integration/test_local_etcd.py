@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from etcd_rdzv.local_etcd import LocalEtcd, LocalEtcdError, start_local_etcd_cluster
+from tests.conftest import only_etcd_api
 
 if TYPE_CHECKING:
     from tests.conftest import EtcdFactory
@@ -48,6 +49,7 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_serves_v2_on_loopback_and_stop_ends_the_process(etcd_factory: EtcdFactory) -> None:
     server = etcd_factory()
     assert server.endpoint == f"127.0.0.1:{server.client_port}"
@@ -64,6 +66,7 @@ def test_serves_v2_on_loopback_and_stop_ends_the_process(etcd_factory: EtcdFacto
     server.stop()  # idempotent
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_restart_keeps_ports_and_data(etcd_factory: EtcdFactory) -> None:
     server = etcd_factory()
     put_v2(server, "kept", "across-restart")
@@ -77,6 +80,7 @@ def test_restart_keeps_ports_and_data(etcd_factory: EtcdFactory) -> None:
     assert get_v2(server, "kept") == "across-restart"
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_kill_is_a_crash_and_restart_recovers(etcd_factory: EtcdFactory) -> None:
     server = etcd_factory()
     put_v2(server, "durable", "yes")
@@ -86,6 +90,7 @@ def test_kill_is_a_crash_and_restart_recovers(etcd_factory: EtcdFactory) -> None
     assert get_v2(server, "durable") == "yes"
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_paused_server_answers_nothing_until_resumed(etcd_factory: EtcdFactory) -> None:
     server = etcd_factory()
     server.pause()
@@ -99,6 +104,7 @@ def test_paused_server_answers_nothing_until_resumed(etcd_factory: EtcdFactory) 
     assert get_v2(server, "after-pause") == "ok"
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_stop_ends_a_paused_server(etcd_factory: EtcdFactory) -> None:
     server = etcd_factory()
     pid = server.pid
@@ -111,6 +117,7 @@ def test_stop_ends_a_paused_server(etcd_factory: EtcdFactory) -> None:
     assert time.monotonic() - started < 5.0
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_failed_start_reports_the_log_tail(etcd_factory: EtcdFactory) -> None:
     with pytest.raises(LocalEtcdError) as caught:
         etcd_factory(extra_args=("--no-such-flag",))
@@ -119,6 +126,7 @@ def test_failed_start_reports_the_log_tail(etcd_factory: EtcdFactory) -> None:
     assert "flag provided but not defined: -no-such-flag" in message
 
 
+@only_etcd_api("v2")  # probes the server through the v2 HTTP API
 def test_v2_can_be_left_off(etcd_factory: EtcdFactory) -> None:
     server = etcd_factory(enable_v2=False)
     with pytest.raises(urllib.error.HTTPError) as caught:

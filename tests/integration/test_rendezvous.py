@@ -16,7 +16,9 @@ from tests.support.harness import ParticipantGroup, check_membership
 
 BACKEND = "etcd-rdzv"
 # Short TTLs and windows keep the suite fast; the protocol is the same at torch's defaults.
-FAST = {"last_call_timeout": "1", "keep_alive_ttl": "2", "timeout": "60"}
+KEEP_ALIVE_TTL = 2.0
+FAST = {"last_call_timeout": "1", "keep_alive_ttl": f"{KEEP_ALIVE_TTL:g}", "timeout": "60"}
+KEY_EXPIRY_MARGIN = 2.5
 
 
 def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_nodes: int,
@@ -157,12 +159,22 @@ def test_overall_timeout_raises_and_says_what_was_missing(
 
 
 def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_it(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
+    tmp_path: Path, etcd: LocalEtcd, etcd_api: str, run_id: str, kv: KeyValue
 ) -> None:
     with group(tmp_path, etcd, run_id, 2, 3) as nodes:
         members = nodes.start(3, backend=BACKEND)
-        check_membership(nodes.rendezvous_all(timeout=60))
+        first = nodes.rendezvous_all(timeout=60)
+        check_membership(first)
+        [dead_rank] = [r["rank"] for r in first if r["pid"] == members[2].pid]
+        dead_key = f"/torchelastic/p2p/run_{run_id}/rdzv/v_1/rank_{dead_rank}"
         members[2].kill()
+        # Its keep-alive key (a v2 TTL, a v3 lease) ends within the TTL, plus the second a v3
+        # lease is granted longer and etcd's half-second expiry tick.
+        wait_until(
+            "the dead member's keep-alive key expired",
+            lambda: dead_key not in etcd_keys(etcd, etcd_api, dead_key),
+            timeout=KEEP_ALIVE_TTL + KEY_EXPIRY_MARGIN,
+        )
 
         # A newcomer finds version 1 final; only the dead member's expiring keep-alive
         # (the live ones keep refreshing theirs) lets it tear version 1 down.
@@ -171,7 +183,7 @@ def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_
         wait_until(
             "version 1 torn down after the dead member's keep-alive expired",
             lambda: (active_state(kv, run_id) or {}).get("version") not in (None, "1"),
-            timeout=2 + 10,
+            timeout=10,
         )
         survivors = [members[0], members[1], newcomer]
         for member in members[:2]:

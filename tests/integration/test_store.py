@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.local_etcd import LocalEtcd
+from tests.conftest import only_etcd_api
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 
 ADDS_PER_NODE = 25
@@ -73,6 +74,7 @@ def test_wait_times_out_cleanly(tmp_path: Path, etcd: LocalEtcd, run_id: str) ->
     assert 1 <= elapsed < 10
 
 
+@only_etcd_api("v2")  # torch's EtcdStore speaks nothing else
 @pytest.mark.parametrize("writer_backend", ["etcd", "etcd-rdzv"])
 def test_store_is_shared_with_torch_etcd_store(
     tmp_path: Path, etcd: LocalEtcd, run_id: str, writer_backend: str

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from etcd_rdzv.config import DEFAULT_METRICS_PORT
+from etcd_rdzv.config import DEFAULT_METRICS_PORT, parse_etcd_api
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -41,7 +41,7 @@ PASSWORD_VARIABLE = "GRAFANA_ADMIN_PASSWORD"
 # .env file cannot change what is checked.
 INTERPOLATED = (PASSWORD_VARIABLE, "OPS_BIND_ADDR")
 TEST_PASSWORD = "test-password-not-a-secret"
-# A release tag: `v3.5.17`, `2.6.1`, `11.3.1`, `3.11-slim-bookworm`; never `latest`.
+# A release tag: `v3.6.16`, `2.6.1`, `11.3.1`, `3.11-slim-bookworm`; never `latest`.
 PINNED_TAG = re.compile(r"^v?\d+\.\d+(\.\d+)?")
 COMMAND_TIMEOUT = 60.0
 
@@ -465,16 +465,33 @@ def test_spans_flow_from_the_trainers_through_the_collector_to_tempo(stack: Stac
     assert _receiver_port(tempo_protocols, "grpc") == tempo_port
 
 
-def test_etcd_serves_the_v2_api_and_reports_its_health(stack: Stack) -> None:
+def test_etcd_is_a_v3_only_release_with_extensive_metrics(stack: Stack) -> None:
     etcd = stack.service("etcd")
     command = stack.command("etcd")
-    enabled = flag_values(command, "--enable-v2")
-    enabled = enabled or [stack.environment("etcd").get("ETCD_ENABLE_V2", "")]
-    assert enabled == ["true"], "etcd-rdzv speaks etcd's v2 API"
+    repository, _, tag = etcd["image"].rpartition(":")
+    assert repository == "quay.io/coreos/etcd", etcd["image"]
+    # 3.6 has no v2 API: etcd-rdzv speaks v3, and the demo must show that it needs nothing else.
+    assert re.fullmatch(r"v3\.6\.\d+", tag), f"etcd {tag}: the demo runs a 3.6 release"
+    v2_flags = [word for word in command if word.lstrip("-").startswith("enable-v2")]
+    assert not v2_flags, f"etcd 3.6 has no v2 API (and refuses the flag): {v2_flags}"
+    assert "ETCD_ENABLE_V2" not in stack.environment("etcd")
+    # The etcd dashboard's gRPC latency panel reads grpc_server_handling_seconds.
+    assert flag_values(command, "--metrics") == ["extensive"]
     test = etcd["healthcheck"]["test"]
-    assert test[0] in ("CMD", "CMD-SHELL") and "health" in " ".join(test)
+    # Distroless image: no shell, so exec form; 3.6's etcdctl is v3-only (no ETCDCTL_API=2).
+    assert test[:2] == ["CMD", "/usr/local/bin/etcdctl"], test
+    assert test[-2:] == ["endpoint", "health"], test
+    assert not any("ETCDCTL_API" in word for word in test)
     advertised = flag_values(command, "--advertise-client-urls")
     assert [host_port(url)[0] for url in advertised] == ["etcd"]
+
+
+def test_the_trainer_speaks_the_v3_api(stack: Stack) -> None:
+    environment = stack.environment("trainer")
+    # As etcd-rdzv's config reads it: an `etcd_api` key in --rdzv-conf wins over the variable.
+    conf = dict(item.split("=", 1) for item in environment.get("RDZV_CONF", "").split(",") if item)
+    chosen = conf.get("etcd_api", environment.get("ETCD_RDZV_ETCD_API"))
+    assert parse_etcd_api(chosen) == "v3", f"the trainer would speak {chosen}"
 
 
 def test_every_service_restarts_and_rotates_its_logs(stack: Stack) -> None:
