@@ -14,11 +14,13 @@ from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig, parse_endpoints
 from etcd_rdzv.errors import ConfigurationError
 
 
-def config_of(endpoint: str = "127.0.0.1:2379", **conf: Any) -> RendezvousConfig:
+def config_of(
+    endpoint: str = "127.0.0.1:2379", environ: dict[str, str] | None = None, **conf: Any
+) -> RendezvousConfig:
     params = RendezvousParameters(
         backend="etcd-rdzv", endpoint=endpoint, run_id="job1", min_nodes=2, max_nodes=4, **conf
     )
-    return RendezvousConfig.from_parameters(params)
+    return RendezvousConfig.from_parameters(params, {} if environ is None else environ)
 
 
 def test_defaults_match_torch_etcd_backend() -> None:
@@ -29,6 +31,19 @@ def test_defaults_match_torch_etcd_backend() -> None:
     assert config.run_path == "/torchelastic/p2p/run_job1"
     assert (config.ttls.setup, config.ttls.joinable, config.ttls.frozen) == (5, 10, 10)
     assert config.ttls.keep_alive == 10
+
+
+def test_etcd_api_is_v3_unless_v2_is_asked_for() -> None:
+    assert config_of().etcd_api == "v3"
+    assert config_of(etcd_api="v2").etcd_api == "v2"
+    assert config_of(environ={"ETCD_RDZV_ETCD_API": "v2"}).etcd_api == "v2"
+    # --rdzv-conf wins over the environment, as for every other setting.
+    assert config_of(environ={"ETCD_RDZV_ETCD_API": "v2"}, etcd_api="v3").etcd_api == "v3"
+
+
+def test_unknown_etcd_api_is_rejected_with_the_choices() -> None:
+    with pytest.raises(ConfigurationError, match=r"etcd_api='v4': use 'v3'.*or 'v2'"):
+        config_of(etcd_api="v4")
 
 
 def test_rdzv_conf_values_arrive_as_strings() -> None:
@@ -79,8 +94,9 @@ def test_min_greater_than_max_is_rejected() -> None:
 )
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
 def test_non_positive_or_non_numeric_seconds_are_rejected(key: str, value: str) -> None:
+    conf: dict[str, Any] = {key: value}
     with pytest.raises(ConfigurationError, match=key):
-        config_of(**{key: value})
+        config_of(**conf)
 
 
 @pytest.mark.parametrize("run_id", ["", "a/b", "has space", "x" * 129])

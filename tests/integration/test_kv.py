@@ -1,0 +1,165 @@
+"""The key-value contract, the same for both transports (v2 and v3), against a real etcd."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from etcd_rdzv.errors import EtcdUnavailableError
+from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
+from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from tests.conftest import etcd_keys, open_kv
+
+
+@pytest.fixture
+def base(run_id: str) -> str:
+    return f"/kv-contract/{run_id}"
+
+
+def test_create_is_only_if_absent_and_get_reads_it_back(kv: KeyValue, base: str) -> None:
+    created = kv.create(f"{base}/a", "1")
+    with pytest.raises(AlreadyExists):
+        kv.create(f"{base}/a", "2")
+    read = kv.get(f"{base}/a")
+    assert (read.value, read.revision) == ("1", created.revision)
+    assert read.read_revision >= created.revision
+    with pytest.raises(KeyNotFound) as absent:
+        kv.get(f"{base}/missing")
+    assert absent.value.revision is not None and absent.value.revision >= created.revision
+
+
+def test_compare_and_swap_and_delete_compare_revisions(kv: KeyValue, base: str) -> None:
+    first = kv.put(f"{base}/k", "same")
+    second = kv.compare_and_swap(f"{base}/k", "same", first)
+    assert second.revision > first.revision
+    # The value came back to what it was; the revision did not: the stale swap fails.
+    with pytest.raises(CompareFailed):
+        kv.compare_and_swap(f"{base}/k", "other", first)
+    with pytest.raises(CompareFailed):
+        kv.compare_and_delete(f"{base}/k", first)
+    kv.compare_and_delete(f"{base}/k", second)
+    with pytest.raises(KeyNotFound):
+        kv.get(f"{base}/k")
+    # Swapping a key that is gone fails the compare too.
+    with pytest.raises(CompareFailed):
+        kv.compare_and_swap(f"{base}/k", "x", second)
+
+
+def test_list_shows_direct_children_only(kv: KeyValue, base: str) -> None:
+    kv.put(f"{base}/dir/a", "1")
+    kv.put(f"{base}/dir/b", "2", ttl=30)
+    kv.put(f"{base}/dir/sub/c", "3")
+    kv.put(f"{base}/dirx", "not below dir")
+    listing = kv.list(f"{base}/dir")
+    assert listing.keys == {f"{base}/dir/a", f"{base}/dir/b"}
+    assert {e.key: e.value for e in listing.entries} == {f"{base}/dir/a": "1", f"{base}/dir/b": "2"}
+
+
+def test_a_ttl_key_expires_unless_refreshed(kv: KeyValue, base: str, etcd: LocalEtcd,
+                                            etcd_api: str) -> None:  # fmt: skip
+    kv.put(f"{base}/kept", "v", ttl=2)
+    kv.put(f"{base}/dropped", "v", ttl=2)
+    entry = kv.get(f"{base}/kept")
+    left = kv.time_left(entry)
+    assert left is not None and 0 < left <= 3
+    deadline = time.monotonic() + 10
+    while f"{base}/dropped" in etcd_keys(etcd, etcd_api, base):
+        assert time.monotonic() < deadline, "a TTL key outlived its TTL by far"
+        kv.refresh(f"{base}/kept", 2)
+        time.sleep(0.3)
+    assert kv.get(f"{base}/kept").value == "v"
+
+
+def test_refreshing_an_expired_key_says_it_is_gone(kv: KeyValue, base: str) -> None:
+    kv.put(f"{base}/short", "v", ttl=1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            kv.get(f"{base}/short")
+        except KeyNotFound:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with pytest.raises(KeyNotFound):
+        kv.refresh(f"{base}/short", 1)
+
+
+def test_a_directory_with_a_ttl_takes_its_untimed_keys_along(
+    kv: KeyValue, base: str, etcd: LocalEtcd, etcd_api: str
+) -> None:
+    run = f"{base}/run"
+    kv.ensure_directory(run, ttl=2)
+    kv.ensure_directory(run, ttl=2)  # idempotent
+    kv.put(f"{run}/rdzv/version_counter", "1")
+    kv.create(f"{run}/rdzv/active_version", "{}")
+    assert {f"{run}/rdzv/version_counter", f"{run}/rdzv/active_version"} <= etcd_keys(
+        etcd, etcd_api, run
+    )
+    deadline = time.monotonic() + 10
+    while etcd_keys(etcd, etcd_api, f"{run}/"):
+        assert time.monotonic() < deadline, "keys outlived their directory's TTL"
+        time.sleep(0.2)
+
+
+def test_another_client_keeps_a_directory_alive(
+    kv: KeyValue, base: str, etcd: LocalEtcd, etcd_api: str
+) -> None:
+    run = f"{base}/run"
+    kv.ensure_directory(run, ttl=2)
+    kv.put(f"{run}/key", "v")
+    other = open_kv(etcd, etcd_api)
+    try:
+        other.ensure_directory(run, ttl=2)
+        for _ in range(12):  # 3.6 s, past the TTL
+            other.refresh(run, 2)
+            time.sleep(0.3)
+        assert kv.get(f"{run}/key").value == "v"
+    finally:
+        other.close()
+
+
+def test_watch_sees_the_first_change_after_a_revision(kv: KeyValue, base: str) -> None:
+    start = kv.put(f"{base}/w", "0")
+    later = kv.put(f"{base}/w", "1")
+    change = kv.watch(f"{base}/w", start.revision, timeout=5)
+    assert change is not None and (change.value, change.revision) == ("1", later.revision)
+
+    def delete_soon() -> None:
+        kv.compare_and_delete(f"{base}/w", later)
+
+    deleter = threading.Timer(0.2, delete_soon)
+    deleter.start()
+    try:
+        gone = kv.watch(f"{base}/w", later.revision, timeout=10)
+    finally:
+        deleter.join()
+    assert gone is not None and gone.deleted
+
+
+def test_recursive_watch_sees_keys_below_and_times_out_quietly(kv: KeyValue, base: str) -> None:
+    mark = kv.put(f"{base}/tree/x", "0")
+    kv.put(f"{base}/treex", "outside")
+    assert kv.watch(f"{base}/tree", mark.revision, timeout=0.5, recursive=True) is None
+    below = kv.put(f"{base}/tree/deep/y", "1")
+    change = kv.watch(f"{base}/tree", mark.revision, timeout=5, recursive=True)
+    assert change is not None and (change.key, change.revision) == (below.key, below.revision)
+
+
+def test_values_are_text_exactly(kv: KeyValue, base: str) -> None:
+    text = '{"unicode": "naïve ✓", "quote": "\\"", "newline": "a\\nb"}'
+    kv.put(f"{base}/text", text)
+    assert kv.get(f"{base}/text").value == text
+
+
+def test_unreachable_etcd_is_a_clear_error_within_the_timeout(etcd_api: str) -> None:
+    endpoint = f"127.0.0.1:{free_loopback_ports(1)[0]}"
+    kv = open_kv(endpoint, etcd_api, request_timeout=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(EtcdUnavailableError, match=endpoint):
+            kv.get("/anything")
+    finally:
+        kv.close()
+    assert time.monotonic() - started < 5
