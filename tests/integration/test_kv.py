@@ -10,6 +10,7 @@ import pytest
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from etcd_rdzv.telemetry import Observer
 from tests.conftest import etcd_keys, open_kv
 
 
@@ -163,3 +164,35 @@ def test_unreachable_etcd_is_a_clear_error_within_the_timeout(etcd_api: str) -> 
     finally:
         kv.close()
     assert time.monotonic() - started < 5
+
+
+class RequestLog(Observer):
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+
+    def etcd_request(self, operation: str, result: str, seconds: float) -> None:
+        self.requests.append((operation, result))
+
+
+def test_refusals_are_counted_alike_by_both_transports(
+    etcd: LocalEtcd, etcd_api: str, base: str
+) -> None:
+    log = RequestLog()
+    kv = open_kv(etcd, etcd_api, observer=log)
+    try:
+        first = kv.put(f"{base}/m", "1")
+        kv.put(f"{base}/m", "2")
+        with pytest.raises(CompareFailed):
+            kv.compare_and_swap(f"{base}/m", "3", first)
+        with pytest.raises(AlreadyExists):
+            kv.create(f"{base}/m", "4")
+        with pytest.raises(KeyNotFound):
+            kv.get(f"{base}/absent")
+    finally:
+        kv.close()
+    results = {(operation, result) for operation, result in log.requests if result != "ok"}
+    assert results == {
+        ("compare_and_swap", "compare_failed"),
+        ("create", "already_exists"),
+        ("get", "not_found"),
+    }

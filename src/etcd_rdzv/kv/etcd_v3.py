@@ -39,6 +39,7 @@ from etcd_rdzv.kv.base import (
     Entry,
     KeyNotFound,
     KeyValue,
+    KvError,
     Listing,
     OutcomeUnknown,
 )
@@ -70,6 +71,12 @@ _UNAUTHENTICATED = 16
 
 # etcd answers these before proposing anything: safe to retry any request.
 _NOT_APPLIED = ("no leader", "too many requests", "not capable")
+# The same outcome labels as the v2 transport reports for these answers.
+_ANSWER_OUTCOMES: dict[type[KvError], str] = {
+    KeyNotFound: "not_found",
+    AlreadyExists: "already_exists",
+    CompareFailed: "compare_failed",
+}
 # Leases granted this much longer than asked; a spare lease serves retries for as long.
 _LEASE_MARGIN_SECONDS = 1.0
 
@@ -147,29 +154,28 @@ class EtcdV3(KeyValue):
     # --- the interface -----------------------------------------------------------------------
 
     def get(self, key: str) -> Entry:
-        reply = self._call("get", key, "/kv/range", {"key": _encode(key)}, idempotent=True)
-        kvs = reply.get("kvs")
-        if not kvs:
-            raise KeyNotFound(key, _revision(reply))
-        return _entry(kvs[0], _revision(reply))
+        def found(reply: Json) -> None:
+            if not reply.get("kvs"):
+                raise KeyNotFound(key, _revision(reply))
+
+        reply = self._call(
+            "get", key, "/kv/range", {"key": _encode(key)}, idempotent=True, check=found
+        )
+        return _entry(reply["kvs"][0], _revision(reply))
 
     def create(self, key: str, value: str, ttl: float | None = None) -> Entry:
-        revision = self._write("create", key, value, ttl, compare=_absent(key))
-        if revision is None:
-            raise AlreadyExists(key)
+        revision = self._write("create", key, value, ttl, (_absent(key), AlreadyExists(key)))
         return Entry(key, value, revision, revision, ttl)
 
     def put(self, key: str, value: str, ttl: float | None = None) -> Entry:
-        revision = self._write("put", key, value, ttl, compare=None)
-        assert revision is not None
+        revision = self._write("put", key, value, ttl, condition=None)
         return Entry(key, value, revision, revision, ttl)
 
     def compare_and_swap(
         self, key: str, value: str, expected: Entry, ttl: float | None = None
     ) -> Entry:
-        revision = self._write("compare_and_swap", key, value, ttl, compare=_unchanged(expected))
-        if revision is None:
-            raise CompareFailed(key)
+        condition = (_unchanged(expected), CompareFailed(key))
+        revision = self._write("compare_and_swap", key, value, ttl, condition)
         return Entry(key, value, revision, revision, ttl)
 
     def compare_and_delete(self, key: str, expected: Entry) -> None:
@@ -177,21 +183,32 @@ class EtcdV3(KeyValue):
             "compare": [_unchanged(expected)],
             "success": [{"request_delete_range": {"key": _encode(key)}}],
         }
-        reply = self._call("compare_and_delete", key, "/kv/txn", txn, idempotent=False)
-        if not reply.get("succeeded"):
-            raise CompareFailed(key)
+        self._call(
+            "compare_and_delete", key, "/kv/txn", txn, idempotent=False,
+            check=_succeeded(CompareFailed(key)),
+        )  # fmt: skip
         with self._lock:
             self._key_leases.pop(key, None)
 
     def refresh(self, key: str, ttl: float) -> None:
         lease = self._lease_of(key)
-        reply = self._call("refresh", key, "/lease/keepalive", {"ID": str(lease)}, idempotent=True)
-        # The keep-alive endpoint streams; one request gets one `result`. No TTL: expired.
-        if int(reply.get("result", reply).get("TTL", 0)) <= 0:
+
+        def alive(reply: Json) -> None:
+            # The keep-alive endpoint streams; one request gets one `result`. No TTL: expired.
+            result = reply.get("result", reply)
+            if int(result.get("TTL", 0)) <= 0:
+                raise KeyNotFound(key, _revision(result))
+
+        try:
+            self._call(
+                "refresh", key, "/lease/keepalive", {"ID": str(lease)}, idempotent=True,
+                check=alive,
+            )  # fmt: skip
+        except KeyNotFound:
             with self._lock:
                 self._key_leases.pop(key, None)
                 self._directories.pop(key, None)
-            raise KeyNotFound(key, _revision(reply.get("result", reply)))
+            raise
 
     def ensure_directory(self, key: str, ttl: float | None = None) -> None:
         """v3 has no directories; one with a TTL becomes a marker key holding its lease."""
@@ -245,18 +262,34 @@ class EtcdV3(KeyValue):
     # --- leases ------------------------------------------------------------------------------
 
     def _write(
-        self, operation: str, key: str, value: str, ttl: float | None, compare: Json | None
-    ) -> int | None:
-        """Put `value` (only if `compare` holds); the new revision, or None if it did not."""
+        self,
+        operation: str,
+        key: str,
+        value: str,
+        ttl: float | None,
+        condition: tuple[Json, KvError] | None,
+    ) -> int:
+        """Put `value`, only if the `condition`'s compare holds (else raise its error).
+
+        Returns the new revision.
+        """
         for attempt in range(2):
             lease, granted = self._lease_for(key, ttl)
             put = {"key": _encode(key), "value": _encode(value), "lease": str(lease)}
             try:
-                if compare is None:
+                if condition is None:
                     reply = self._call(operation, key, "/kv/put", put, idempotent=True)
                 else:
+                    compare, refusal = condition
                     txn = {"compare": [compare], "success": [{"request_put": put}]}
-                    reply = self._call(operation, key, "/kv/txn", txn, idempotent=False)
+                    reply = self._call(
+                        operation, key, "/kv/txn", txn, idempotent=False,
+                        check=_succeeded(refusal),
+                    )  # fmt: skip
+            except (AlreadyExists, CompareFailed):
+                if granted and ttl is not None:
+                    self._keep_spare(lease, ttl)
+                raise
             except _LeaseGone:
                 # The directory's lease expired under us (every agent stopped refreshing it):
                 # give the directory a new one and write once more.
@@ -265,17 +298,13 @@ class EtcdV3(KeyValue):
                         f"etcd at {self.describe()}: the lease of {key} expired"
                     ) from None
                 continue
-            if compare is not None and not reply.get("succeeded"):
-                if granted and ttl is not None:
-                    self._keep_spare(lease, ttl)
-                return None
             with self._lock:
                 if granted:
                     self._key_leases[key] = lease
                 else:
                     self._key_leases.pop(key, None)
             return _revision(reply)
-        return None  # unreachable: the loop returns or raises
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def _lease_for(self, key: str, ttl: float | None) -> tuple[int, bool]:
         """(lease, granted for this key); without a TTL, the enclosing directory's lease or 0."""
@@ -352,7 +381,19 @@ class EtcdV3(KeyValue):
 
     # --- execution ---------------------------------------------------------------------------
 
-    def _call(self, operation: str, key: str, path: str, body: Json, *, idempotent: bool) -> Json:
+    def _call(
+        self,
+        operation: str,
+        key: str,
+        path: str,
+        body: Json,
+        *,
+        idempotent: bool,
+        check: Callable[[Json], None] | None = None,
+    ) -> Json:
+        """POST `body`; `check` raises the KvError a well-formed refusal means (a failed compare),
+        inside the request so that its metrics count it like the v2 transport does."""
+
         def request(index: int) -> Json:
             response = self._http.request(
                 "POST",
@@ -365,6 +406,8 @@ class EtcdV3(KeyValue):
             reply = _json(response.data)
             if response.status != 200 or not isinstance(reply, dict):
                 raise _gateway_error(response.status, reply, response.data)
+            if check is not None:
+                check(reply)
             return reply
 
         return self._failover.call(operation, key, request, self._classifier(key, idempotent))
@@ -417,6 +460,8 @@ def _classify(
     error: Exception, key: str, where: str, idempotent: bool
 ) -> tuple[str, Exception | None]:
     """The outcome to report, and the error to raise (None: a transient failure to retry)."""
+    if isinstance(error, KvError):
+        return _ANSWER_OUTCOMES.get(type(error), "error"), error
     if isinstance(error, _HistoryGone):
         return "history_gone", error
     if isinstance(error, _StreamEnded):
@@ -489,6 +534,14 @@ def _json_lines(response: urllib3.BaseHTTPResponse) -> Iterator[Json]:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
+
+
+def _succeeded(refusal: KvError) -> Callable[[Json], None]:
+    def check(reply: Json) -> None:
+        if not reply.get("succeeded"):
+            raise refusal
+
+    return check
 
 
 def _absent(key: str) -> Json:
