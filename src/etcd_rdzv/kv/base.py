@@ -137,6 +137,9 @@ class KeyValue(abc.ABC):
     ) -> Change | None:
         """The first change to `key` (or below it) after `after_revision`.
 
+        For a single key, a transport may answer with a later change of it instead (its value
+        now): callers act on the latest state, never on a past one.
+
         None when `timeout` passed first, or when etcd no longer holds that history: either
         way the caller re-reads.
         """

@@ -233,6 +233,13 @@ class EtcdV3(KeyValue):
     def watch(
         self, key: str, after_revision: int, timeout: float, recursive: bool = False
     ) -> Change | None:
+        """As the interface says; for a single key, the change may be a later one than the first.
+
+        etcd delivers the events of a watch that starts in the past (the store moved on since
+        the caller's read) only on its next sync of lagging watchers, every 100 ms. When the
+        stream's first answer shows the store has moved, one read of the key tells at once
+        whether it changed; the caller gets its latest value, which is what it wants anyway.
+        """
         if timeout <= 0:
             return None
         create: Json = {"key": _encode(key), "start_revision": str(after_revision + 1)}
@@ -240,8 +247,20 @@ class EtcdV3(KeyValue):
             start = key.rstrip("/") + "/"
             create.update(key=_encode(start), range_end=_encode(_prefix_end(start)))
 
+        def changed_since() -> Change | None:
+            try:
+                entry = self.get(key)
+            except KeyNotFound:
+                return None  # a deletion, or never there: the stream will tell which
+            if entry.revision <= after_revision:
+                return None
+            return Change(key, entry.value, entry.revision)
+
         def request(index: int) -> Change:
-            return self._first_event(index, {"create_request": create}, timeout)
+            shortcut = None if recursive else changed_since
+            return self._first_event(
+                index, {"create_request": create}, after_revision, timeout, shortcut
+            )
 
         try:
             return self._failover.call("watch", key, request, self._classifier(key, True))
@@ -412,8 +431,18 @@ class EtcdV3(KeyValue):
 
         return self._failover.call(operation, key, request, self._classifier(key, idempotent))
 
-    def _first_event(self, index: int, create: Json, timeout: float) -> Change:
-        """Open a watch stream and wait for its first event; WatchTimedOut if none comes."""
+    def _first_event(
+        self,
+        index: int,
+        create: Json,
+        after_revision: int,
+        timeout: float,
+        shortcut: Callable[[], Change | None] | None,
+    ) -> Change:
+        """Open a watch stream and wait for its first event; WatchTimedOut if none comes.
+
+        `shortcut` is asked once, if the store has moved past `after_revision`.
+        """
         response = self._http.request(
             "POST",
             self._urls[index] + "/watch",
@@ -437,6 +466,10 @@ class EtcdV3(KeyValue):
                 events = result.get("events")
                 if events:
                     return _change(events[0])
+                if result.get("created") and shortcut and _revision(result) > after_revision:
+                    change = shortcut()
+                    if change is not None:
+                        return change
                 if time.monotonic() >= give_up_at:
                     raise WatchTimedOut()
             raise _StreamEnded()
