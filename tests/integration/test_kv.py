@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -11,7 +13,7 @@ from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from etcd_rdzv.telemetry import Observer
-from tests.conftest import etcd_keys, open_kv
+from tests.conftest import etcd_keys, only_etcd_api, open_kv
 
 
 @pytest.fixture
@@ -196,3 +198,24 @@ def test_refusals_are_counted_alike_by_both_transports(
         ("create", "already_exists"),
         ("get", "not_found"),
     }
+
+
+@only_etcd_api("v3")
+def test_a_watch_into_compacted_history_returns_nothing_for_a_re_read(
+    base: str, etcd: LocalEtcd, etcd_api: str
+) -> None:
+    log = RequestLog()
+    kv = open_kv(etcd, etcd_api, observer=log)
+    try:
+        first = kv.put(f"{base}/c", "1")
+        latest = kv.put(f"{base}/c", "2")
+        body = json.dumps({"revision": str(latest.revision), "physical": True}).encode()
+        compact = urllib.request.Request(f"{etcd.client_url}/v3/kv/compaction", data=body)
+        with urllib.request.urlopen(compact, timeout=10) as answer:
+            assert answer.status == 200
+        # The first write is gone from etcd's history: the caller must read again. (A single
+        # key's watch reads the key at once instead, so watch the directory.)
+        assert kv.watch(base, first.revision - 1, timeout=30, recursive=True) is None
+    finally:
+        kv.close()
+    assert ("watch", "history_gone") in log.requests
