@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the demo and the tests run for real: etcd (its client, for debugging) and
+# Debian packages the demo and the tests run for real: etcd (its client lists keys for tests) and
 # Prometheus (with promtool); docker-compose checks the compose file (no engine runs here).
 DEBIAN_PACKAGES := etcd-server etcd-client prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
