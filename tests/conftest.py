@@ -20,7 +20,7 @@ import pytest
 
 from etcd_rdzv.config import RendezvousConfig, parse_endpoints, parse_etcd_api
 from etcd_rdzv.kv import KeyValue, connect
-from etcd_rdzv.local_etcd import LocalEtcd, start_local_etcd
+from etcd_rdzv.local_etcd import LocalEtcd, ServerTls, start_local_etcd
 from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
 
 ETCD_APIS = ("v3", "v2")
@@ -68,6 +68,7 @@ class EtcdFactory(Protocol):
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = 15.0,
         log_path: Path | None = None,
+        tls: ServerTls | None = None,
     ) -> LocalEtcd: ...
 
 
@@ -147,6 +148,7 @@ def etcd_factory(etcd_api: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = 15.0,
         log_path: Path | None = None,
+        tls: ServerTls | None = None,
     ) -> LocalEtcd:
         server = start_local_etcd(
             enable_v2=etcd_api == "v2" if enable_v2 is None else enable_v2,
@@ -155,6 +157,7 @@ def etcd_factory(etcd_api: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             extra_args=extra_args,
             ready_timeout=ready_timeout,
             log_path=log_path,
+            tls=tls,
         )
         started.append(server)
         return server

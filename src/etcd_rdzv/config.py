@@ -76,6 +76,49 @@ class TlsFiles:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """An etcd user and its password. The password never appears in a repr, log or span."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def from_settings(
+        cls, conf: Mapping[str, Any], environ: Mapping[str, str]
+    ) -> Credentials | None:
+        """From `username` (or ETCD_RDZV_USERNAME) and a password taken from ETCD_RDZV_PASSWORD
+        or the file `password_file` names: never from `--rdzv-conf`, whose values show in
+        `ps` and in torchrun's own logs."""
+        if "password" in conf:
+            raise ConfigurationError(
+                "--rdzv-conf password= would show the password on the command line: set "
+                "ETCD_RDZV_PASSWORD, or name a file with --rdzv-conf password_file=PATH."
+            )
+        username = conf.get("username", environ.get("ETCD_RDZV_USERNAME"))
+        password_file = conf.get("password_file", environ.get("ETCD_RDZV_PASSWORD_FILE"))
+        password = environ.get("ETCD_RDZV_PASSWORD")
+        if password_file:
+            try:
+                password = Path(str(password_file)).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as error:
+                raise ConfigurationError(
+                    f"password_file={password_file}: cannot read it ({error.strerror})."
+                ) from None
+        if not username:
+            if password is not None:
+                raise ConfigurationError(
+                    "An etcd password is set but no user: add --rdzv-conf username=NAME."
+                )
+            return None
+        if not password:
+            raise ConfigurationError(
+                f"etcd user {username!r} has no password: set ETCD_RDZV_PASSWORD, or name a file "
+                "with --rdzv-conf password_file=PATH."
+            )
+        return cls(str(username), password)
+
+
+@dataclass(frozen=True)
 class ProtocolTtls:
     """Lifetimes of the protocol's ephemeral keys, in seconds (torch's values by default).
 
@@ -138,6 +181,7 @@ class RendezvousConfig:
     protocol: Protocol = "http"
     tls: TlsFiles = field(default_factory=TlsFiles)
     etcd_api: EtcdApi = DEFAULT_ETCD_API
+    credentials: Credentials | None = None
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
     ttls: ProtocolTtls = field(default_factory=ProtocolTtls)
     local_addr: str | None = None
@@ -192,6 +236,7 @@ class RendezvousConfig:
             protocol=protocol,
             tls=tls,
             etcd_api=parse_etcd_api(conf.get("etcd_api", environ.get("ETCD_RDZV_ETCD_API"))),
+            credentials=Credentials.from_settings(conf, environ),
             request_timeout=_seconds(conf, "request_timeout", DEFAULT_REQUEST_TIMEOUT_SECONDS),
             ttls=ttls,
             local_addr=params.local_addr,
@@ -202,7 +247,7 @@ class RendezvousConfig:
 KNOWN_KEYS = frozenset(
     {"timeout", "last_call_timeout", "etcd_prefix", "protocol", "cacert", "cert", "key",
      "keep_alive_ttl", "request_timeout", "metrics_port", "metrics_addr", "trace_file",
-     "log_format", "log_level", "progress_interval", "etcd_api"}
+     "log_format", "log_level", "progress_interval", "etcd_api", "username", "password_file"}
 )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -30,6 +31,7 @@ __all__ = [
     "LocalEtcd",
     "LocalEtcdCluster",
     "LocalEtcdError",
+    "ServerTls",
     "find_etcd_binary",
     "free_loopback_ports",
     "reserved_loopback_ports",
@@ -67,6 +69,30 @@ def find_etcd_binary() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for a local etcd's client port: its certificate, and the CA it trusts for clients.
+
+    `client_cert`/`client_key` are what this module itself presents for health checks when
+    `client_cert_auth` is on.
+    """
+
+    cacert: Path
+    cert: Path
+    key: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    client_cert_auth: bool = False
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.cacert))
+        if self.client_cert is not None:
+            context.load_cert_chain(
+                str(self.client_cert), str(self.client_key) if self.client_key else None
+            )
+        return context
+
+
 @dataclass(eq=False)
 class LocalEtcd:
     """One etcd server process on loopback. Create it with `start_local_etcd`.
@@ -83,6 +109,7 @@ class LocalEtcd:
     log_path: Path
     command: tuple[str, ...]
     owns_data_dir: bool = False
+    tls: ServerTls | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -91,7 +118,8 @@ class LocalEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{LOOPBACK}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -145,7 +173,7 @@ class LocalEtcd:
 
     def _is_healthy(self) -> bool:
         try:
-            body = _http_get(f"{self.client_url}/health", _HTTP_TIMEOUT_SECONDS)
+            body = _http_get(f"{self.client_url}/health", _HTTP_TIMEOUT_SECONDS, self.tls)
         except (OSError, urllib.error.URLError):
             return False
         try:
@@ -201,7 +229,7 @@ class LocalEtcd:
 
     def metrics_text(self, timeout: float = 5.0) -> str:
         """The Prometheus exposition text served at `/metrics`."""
-        return _http_get(f"{self.client_url}/metrics", timeout)
+        return _http_get(f"{self.client_url}/metrics", timeout, self.tls)
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
@@ -267,11 +295,13 @@ def start_local_etcd(
     extra_args: Sequence[str] = (),
     ready_timeout: float = 15.0,
     log_path: Path | None = None,
+    tls: ServerTls | None = None,
 ) -> LocalEtcd:
     """Start one etcd server on free loopback ports and wait until it is healthy.
 
     Without `data_dir` a temporary directory is created and removed by `close()`. The log
-    goes to `log_path`, by default `etcd.log` inside the data directory.
+    goes to `log_path`, by default `etcd.log` inside the data directory. With `tls` the
+    client port speaks only HTTPS.
     """
     binary = find_etcd_binary()
     owns_data_dir = data_dir is None
@@ -296,9 +326,11 @@ def start_local_etcd(
                 initial_cluster=f"{name}=http://{LOOPBACK}:{peer_port}",
                 cluster_token=f"{name}-{peer_port}",
                 enable_v2=enable_v2,
-                extra_args=extra_args,
+                extra_args=(*_tls_args(tls), *extra_args),
+                client_scheme="https" if tls else "http",
             ),
             owns_data_dir=owns_data_dir,
+            tls=tls,
         )
         try:
             server.launch()
@@ -401,8 +433,9 @@ def _etcd_command(
     cluster_token: str,
     enable_v2: bool,
     extra_args: Sequence[str],
+    client_scheme: str = "http",
 ) -> tuple[str, ...]:
-    client_url = f"http://{LOOPBACK}:{client_port}"
+    client_url = f"{client_scheme}://{LOOPBACK}:{client_port}"
     peer_url = f"http://{LOOPBACK}:{peer_port}"
     command = [
         binary,
@@ -455,7 +488,21 @@ def _environment_without_etcd_settings() -> dict[str, str]:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_get(url: str, timeout: float) -> str:
+def _tls_args(tls: ServerTls | None) -> tuple[str, ...]:
+    if tls is None:
+        return ()
+    args = (f"--cert-file={tls.cert}", f"--key-file={tls.key}", f"--trusted-ca-file={tls.cacert}")
+    return (*args, "--client-cert-auth") if tls.client_cert_auth else args
+
+
+def _http_get(url: str, timeout: float, tls: ServerTls | None = None) -> str:
+    if tls is not None:
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}),
+            urllib.request.HTTPSHandler(context=tls.client_context()),
+        )
+        with opener.open(url, timeout=timeout) as response:
+            return bytes(response.read()).decode("utf-8", errors="replace")
     with _DIRECT.open(url, timeout=timeout) as response:
         body: bytes = response.read()
     return body.decode("utf-8", errors="replace")

@@ -31,6 +31,7 @@ from typing import Any
 from etcd_rdzv import protocol
 from etcd_rdzv.config import (
     DEFAULT_PREFIX,
+    Credentials,
     RendezvousConfig,
     load_tls_files,
     normalize_prefix,
@@ -470,6 +471,8 @@ def register(subparsers: Any) -> None:
         default=os.environ.get("ETCD_RDZV_ETCD_API", "v3"),
         help="the API the run's agents use (default v3, or $ETCD_RDZV_ETCD_API)",
     )
+    parser.add_argument("--username", help="etcd user; its password from ETCD_RDZV_PASSWORD")
+    parser.add_argument("--password-file", help="a file holding the etcd user's password")
     parser.add_argument("--cacert")
     parser.add_argument("--cert")
     parser.add_argument("--key")
@@ -512,6 +515,14 @@ def _connect(args: argparse.Namespace) -> KeyValue:
         protocol=args.protocol,
         tls=load_tls_files({k: v for k, v in files.items() if v}, args.protocol),
         etcd_api=parse_etcd_api(args.etcd_api),
+        credentials=Credentials.from_settings(
+            {
+                k: v
+                for k, v in (("username", args.username), ("password_file", args.password_file))
+                if v
+            },
+            os.environ,
+        ),
         request_timeout=args.timeout,
     )
     return connect(config, NOOP_OBSERVER)

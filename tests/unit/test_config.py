@@ -165,3 +165,39 @@ def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
     )  # fmt: skip
     ssl.create_default_context().load_cert_chain(str(cert), str(key))
     return cert, key
+
+
+def test_credentials_come_from_the_environment_or_a_file_never_the_command_line(
+    tmp_path: Path,
+) -> None:
+    assert config_of().credentials is None
+    from_env = config_of(environ={"ETCD_RDZV_PASSWORD": "pw"}, username="trainer")
+    assert from_env.credentials is not None
+    assert (from_env.credentials.username, from_env.credentials.password) == ("trainer", "pw")
+    password_file = tmp_path / "password"
+    password_file.write_text("from-file\n")
+    from_file = config_of(username="trainer", password_file=str(password_file))
+    assert from_file.credentials is not None and from_file.credentials.password == "from-file"
+    with pytest.raises(ConfigurationError, match="ETCD_RDZV_PASSWORD"):
+        config_of(username="trainer", password="on-the-command-line")
+
+
+def test_a_password_never_shows_in_the_config_repr() -> None:
+    config = config_of(environ={"ETCD_RDZV_PASSWORD": "hunter2-secret"}, username="trainer")
+    assert "hunter2-secret" not in repr(config)
+    assert "trainer" in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("conf", "environ", "message"),
+    [
+        ({"username": "trainer"}, {}, "has no password"),
+        ({}, {"ETCD_RDZV_PASSWORD": "pw"}, "no user"),
+        ({"username": "trainer", "password_file": "/no/such/file"}, {}, "cannot read"),
+    ],
+)
+def test_incomplete_credentials_are_named(
+    conf: dict[str, str], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        config_of(environ=environ, **conf)

@@ -10,13 +10,14 @@ may have applied raises `OutcomeUnknown`.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import etcd
 import urllib3.exceptions
 
-from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
+from etcd_rdzv.config import Credentials, EtcdEndpoint, RendezvousConfig
 from etcd_rdzv.errors import EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -57,12 +58,14 @@ class EtcdV2(KeyValue):
         cert: str | None = None,
         key: str | None = None,
         request_timeout: float = 10.0,
+        credentials: Credentials | None = None,
         observer: Observer,
     ) -> None:
         self._failover = Failover(endpoints, request_timeout, observer)
         client_cert: str | tuple[str, str] | None = (cert, key) if cert and key else cert
         self._clients = [
-            _client(ep, protocol, client_cert, cacert, request_timeout) for ep in endpoints
+            _client(ep, protocol, client_cert, cacert, request_timeout, credentials=credentials)
+            for ep in endpoints
         ]
 
     @classmethod
@@ -75,6 +78,7 @@ class EtcdV2(KeyValue):
             cert=str(tls.cert) if tls.cert else None,
             key=str(tls.key) if tls.key else None,
             request_timeout=config.request_timeout,
+            credentials=config.credentials,
             observer=observer,
         )
 
@@ -234,6 +238,10 @@ def _classify(
         )
     if isinstance(error, etcd.EtcdConnectionFailed):
         cause = _root_cause(error)
+        if isinstance(cause, urllib3.exceptions.SSLError | ssl.SSLError):
+            return "tls_error", EtcdRejectedError(
+                f"{where}: TLS handshake failed ({cause}). Check cacert, cert and key."
+            )
         if isinstance(cause, _NOT_SENT) or idempotent:
             return "unavailable", None
         return "outcome_unknown", OutcomeUnknown(f"{where}: answer lost ({cause!r})")
@@ -250,8 +258,12 @@ def _client(
     cert: str | tuple[str, str] | None,
     cacert: str | None,
     request_timeout: float,
+    *,
+    credentials: Credentials | None,
 ) -> etcd.Client:
     client = etcd.Client(
+        username=credentials.username if credentials else None,
+        password=credentials.password if credentials else None,
         host=endpoint.host,
         port=endpoint.port,
         protocol=protocol,

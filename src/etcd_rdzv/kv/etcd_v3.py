@@ -30,7 +30,7 @@ from typing import Any
 import urllib3
 import urllib3.exceptions
 
-from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
+from etcd_rdzv.config import Credentials, EtcdEndpoint, RendezvousConfig
 from etcd_rdzv.errors import EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -61,6 +61,7 @@ _ANSWER_LOST = (
 )
 
 # gRPC status codes the gateway reports in `code`.
+_INVALID_ARGUMENT = 3
 _NOT_FOUND = 5
 _PERMISSION_DENIED = 7
 _RESOURCE_EXHAUSTED = 8
@@ -93,6 +94,12 @@ class _GatewayError(Exception):
         self.message = message
 
 
+class _AuthenticationFailed(Exception):
+    def __init__(self, username: str) -> None:
+        super().__init__(username)
+        self.username = username
+
+
 class _LeaseGone(Exception):
     """A write named a lease that has expired."""
 
@@ -115,9 +122,13 @@ class EtcdV3(KeyValue):
         cert: str | None = None,
         key: str | None = None,
         request_timeout: float = 10.0,
+        credentials: Credentials | None = None,
         observer: Observer,
     ) -> None:
         self._failover = Failover(endpoints, request_timeout, observer)
+        self._credentials = credentials
+        # The auth token of the endpoint that issued it; any endpoint accepts it.
+        self._token: str | None = None
         self._urls = [f"{protocol}://{endpoint}/v3" for endpoint in endpoints]
         self._request_timeout = request_timeout
         tls: Json = {}
@@ -145,6 +156,7 @@ class EtcdV3(KeyValue):
             cert=str(tls.cert) if tls.cert else None,
             key=str(tls.key) if tls.key else None,
             request_timeout=config.request_timeout,
+            credentials=config.credentials,
             observer=observer,
         )
 
@@ -418,7 +430,7 @@ class EtcdV3(KeyValue):
                 "POST",
                 self._urls[index] + path,
                 body=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
+                headers=self._headers(index),
                 timeout=urllib3.Timeout(self._request_timeout),
                 retries=False,
             )
@@ -447,7 +459,7 @@ class EtcdV3(KeyValue):
             "POST",
             self._urls[index] + "/watch",
             body=json.dumps(create).encode(),
-            headers={"Content-Type": "application/json"},
+            headers=self._headers(index),
             timeout=urllib3.Timeout(connect=self._request_timeout, read=timeout),
             retries=False,
             preload_content=False,
@@ -480,10 +492,53 @@ class EtcdV3(KeyValue):
             response.close()
             response.release_conn()
 
+    def _headers(self, index: int) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self._credentials is not None:
+            with self._lock:
+                token = self._token
+            if token is None:
+                token = self._authenticate(index, self._credentials)
+            # The raw token, no "Bearer": that is what etcd's gateway expects.
+            headers["Authorization"] = token
+        return headers
+
+    def _authenticate(self, index: int, credentials: Credentials) -> str:
+        """A token for `credentials`, asked of endpoint `index` (inside a request attempt, so
+        its failures are classified and retried like the request's own)."""
+        body = {"name": credentials.username, "password": credentials.password}
+        response = self._http.request(
+            "POST",
+            self._urls[index] + "/auth/authenticate",
+            body=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            timeout=urllib3.Timeout(self._request_timeout),
+            retries=False,
+        )
+        reply = _json(response.data)
+        if response.status != 200 or not isinstance(reply, dict) or "token" not in reply:
+            error = _gateway_error(response.status, reply, response.data)
+            if error.code == _INVALID_ARGUMENT and "authentication failed" in error.message:
+                raise _AuthenticationFailed(credentials.username)
+            raise error
+        token = str(reply["token"])
+        with self._lock:
+            self._token = token
+        return token
+
     def _classifier(
         self, key: str, idempotent: bool
     ) -> Callable[[Exception, str], tuple[str, Exception | None]]:
         def classify(error: Exception, where: str) -> tuple[str, Exception | None]:
+            if isinstance(error, _GatewayError) and _token_expired(error):
+                if self._credentials is not None:
+                    with self._lock:
+                        self._token = None  # the next attempt authenticates again
+                    return "auth_token_expired", None
+                return "unauthenticated", EtcdRejectedError(
+                    f"{where}: etcd requires authentication ({error.message}). Set --rdzv-conf "
+                    "username=NAME and the password in ETCD_RDZV_PASSWORD or password_file."
+                )
             return _classify(error, key, where, idempotent)
 
         return classify
@@ -497,6 +552,10 @@ def _classify(
         return _ANSWER_OUTCOMES.get(type(error), "error"), error
     if isinstance(error, _HistoryGone):
         return "history_gone", error
+    if isinstance(error, _AuthenticationFailed):
+        return "unauthenticated", EtcdRejectedError(
+            f"{where}: etcd refused user {error.username!r}: wrong user name or password."
+        )
     if isinstance(error, _StreamEnded):
         return "unavailable", None
     if isinstance(error, urllib3.exceptions.SSLError):
@@ -535,6 +594,16 @@ def _classify(
             return "unavailable", None
         return "outcome_unknown", OutcomeUnknown(f"{where}: {message}")
     return "error", EtcdRejectedError(f"{where}: {message} (gRPC code {error.code})")
+
+
+def _token_expired(error: _GatewayError) -> bool:
+    """A token etcd no longer takes (expired, or the auth store changed), or none at all."""
+    if error.code == _UNAUTHENTICATED:
+        return True
+    return error.code == _INVALID_ARGUMENT and any(
+        reason in error.message
+        for reason in ("revision of auth store is old", "user name is empty", "invalid auth token")
+    )
 
 
 def _gateway_error(status: int, reply: Json | None, raw: bytes) -> _GatewayError:
