@@ -9,13 +9,17 @@ DEBIAN_PACKAGES := etcd-server etcd-client prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit setup debian-packages clean
+.PHONY: demo test soak lint typecheck unit setup debian-packages clean
 
 demo: setup
 	$(BIN)/python -m etcd_rdzv.demo
 
 test: setup lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# 200 rendezvous rounds per etcd API with random kills and restarts; a few minutes.
+soak: setup
+	$(BIN)/pytest tests/soak -m soak -s $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -53,7 +53,7 @@ def open_kv(
 
 _TESTS_DIR = Path(__file__).parent
 # Tests are marked by the folder they live in, so `-m "not integration"` needs no bookkeeping.
-_MARK_BY_FOLDER = {"integration": "integration", "e2e": "e2e"}
+_MARK_BY_FOLDER = {"integration": "integration", "e2e": "e2e", "soak": "soak"}
 
 
 class EtcdFactory(Protocol):
@@ -76,6 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Declared in pyproject.toml too; repeated so these fixtures work from any rootdir.
     config.addinivalue_line("markers", "integration: talks to a real etcd server")
     config.addinivalue_line("markers", "e2e: runs real torchrun agents")
+    config.addinivalue_line("markers", "soak: the long soak; `make soak` runs it")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.cli import main
-from etcd_rdzv.local_etcd import LocalEtcd, ServerTls
+from etcd_rdzv.local_etcd import LocalEtcd, ServerTls, free_loopback_ports
 from etcd_rdzv.status import EXIT_ETCD, EXIT_OK
 from tests.conftest import EtcdFactory
 from tests.support.certs import Certificates, make_certificates
@@ -158,12 +158,17 @@ def test_rendezvous_with_a_password_from_the_environment_never_logs_it(
     tmp_path: Path, auth_etcd: LocalEtcd, run_id: str
 ) -> None:
     trace_file = tmp_path / "traces.jsonl"
-    with group(
-        tmp_path, auth_etcd, run_id, 2, username="root", trace_file=str(trace_file)
-    ) as nodes:
-        nodes.start(2, backend=BACKEND, env={"ETCD_RDZV_PASSWORD": PASSWORD})
+    [port] = free_loopback_ports(1)
+    conf = {"username": "root", "trace_file": str(trace_file), "metrics_port": str(port)}
+    with group(tmp_path, auth_etcd, run_id, 2, **conf) as nodes:
+        nodes.start(1, backend=BACKEND, env={"ETCD_RDZV_PASSWORD": PASSWORD})
+        nodes.start(1, backend=BACKEND, conf={"metrics_port": "0"},
+                    env={"ETCD_RDZV_PASSWORD": PASSWORD})  # fmt: skip
         results = nodes.rendezvous_all(timeout=60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
     check_membership(results)
+    assert "etcd_rdzv_phase" in metrics and PASSWORD not in metrics
     assert PASSWORD not in logged_text(tmp_path)
     assert trace_file.stat().st_size > 0 and PASSWORD not in trace_file.read_text()
 
