@@ -82,7 +82,8 @@ class RendezvousState:
         """Parse the document at `key`; anything malformed raises `CorruptStateError`."""
         try:
             document = json.loads(raw or "")
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: nested deeper than any state document; json gives up on it.
             raise CorruptStateError(key, "not JSON", raw) from None
         if not isinstance(document, dict):
             raise CorruptStateError(key, "not a JSON object", raw)
@@ -237,11 +238,13 @@ def _optional_int(document: Mapping[str, Any], name: str, key: str, raw: str | N
     value = document.get(name)
     if value is None:
         return None
-    if isinstance(value, bool):
+    # torch writes the version as a string ("3") and counts as numbers; nothing else is ours.
+    # Floats are refused, not truncated: 1.5 is not version 1, and inf is not a version at all.
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise CorruptStateError(key, f"{name} is not an integer", raw)
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except ValueError:
         raise CorruptStateError(key, f"{name} is not an integer", raw) from None
     if number < 0:
         raise CorruptStateError(key, f"{name} is negative", raw)

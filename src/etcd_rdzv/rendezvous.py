@@ -572,6 +572,8 @@ class EtcdRendezvous:
                 version = int(counter.value) + 1
             except ValueError:
                 raise CorruptStateError(counter.key, "not an integer", counter.value) from None
+            if version < 1:
+                raise CorruptStateError(counter.key, "negative", counter.value)
             try:
                 self._kv.compare_and_swap(counter.key, str(version), counter)
                 return version

@@ -107,6 +107,11 @@ def test_announce_and_close() -> None:
         ('{"status": "joinable", "version": "1", "participants": "0"}', "not a list of ranks"),
         ('{"status": "final", "version": "1", "participants": [0], "keep_alives": [1]}',
          "keep_alives is not a list of keys"),
+        # Found by tests/integration/test_bad_state.py: each used to escape or be misread.
+        ("[" * 100_000 + "]" * 100_000, "not JSON"),
+        ('{"status": "joinable", "version": Infinity, "participants": []}', "not an integer"),
+        ('{"status": "joinable", "version": 1.5, "participants": []}', "not an integer"),
+        ('{"status": "joinable", "version": "-2", "participants": []}', "negative"),
     ],
 )  # fmt: skip
 def test_corrupt_documents_name_the_key_and_the_problem(raw: str, problem: str) -> None:

@@ -31,7 +31,7 @@ import urllib3
 import urllib3.exceptions
 
 from etcd_rdzv.config import Credentials, EtcdEndpoint, RendezvousConfig
-from etcd_rdzv.errors import EtcdRejectedError
+from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
@@ -660,9 +660,10 @@ def _unchanged(expected: Entry) -> Json:
 
 
 def _entry(kv: Json, read_revision: int) -> Entry:
+    key = _decode(kv["key"])
     return Entry(
-        _decode(kv["key"]),
-        _decode(kv.get("value", "")),
+        key,
+        _decode(kv.get("value", ""), key),
         int(kv.get("mod_revision", 0)),
         read_revision,
         lease=int(kv.get("lease", 0)),
@@ -672,8 +673,9 @@ def _entry(kv: Json, read_revision: int) -> Entry:
 def _change(event: Json) -> Change:
     kv = event.get("kv", {})
     # The gateway omits enum zero values: an event without `type` is a PUT.
-    value = None if event.get("type") == "DELETE" else _decode(kv.get("value", ""))
-    return Change(_decode(kv["key"]), value, int(kv.get("mod_revision", 0)))
+    key = _decode(kv["key"])
+    value = None if event.get("type") == "DELETE" else _decode(kv.get("value", ""), key)
+    return Change(key, value, int(kv.get("mod_revision", 0)))
 
 
 def _revision(reply: Json) -> int:
@@ -688,9 +690,16 @@ def _encode(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
 
 
-def _decode(data: str) -> str:
-    # Garbage bytes stay visible (and fail state decoding with the key named) instead of raising.
-    return base64.b64decode(data).decode(errors="replace")
+def _decode(data: str, key: str | None = None) -> str:
+    """Text from the gateway's base64. etcd-rdzv writes only UTF-8, so other bytes are not ours:
+    an error that names the key, never a silent U+FFFD that a rewrite would then keep."""
+    raw = base64.b64decode(data)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as error:
+        raise CorruptStateError(
+            key or "(a key)", f"not UTF-8 text ({error.reason})", repr(raw)
+        ) from None
 
 
 def _prefix_end(prefix: str) -> str:
