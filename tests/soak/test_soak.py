@@ -1,11 +1,11 @@
 """Soak: 200 consecutive rendezvous rounds with random agent kills and restarts, per etcd API.
 
-Run by `make soak` (not by `make test`): a few minutes. Three participants rendezvous again and
-again, as torchrun's agents do after every restart. Now and then one is SIGKILLed, between
-rounds or in the middle of one, and a fresh process takes its place. After every round the
-membership invariant must hold. At the end: no thread, file descriptor or memory growth in the
-participants that lived through it all, and no key of the run that would outlive the run's
-TTL. The figures are printed (`-s`) for docs/reliability.md.
+Run by `make soak` (not by `make test`): a few minutes. Three participants rendezvous again
+and again, as torchrun's agents do after every restart. Now and then one is SIGKILLed,
+between rounds or while the others are in a rendezvous, and a fresh process takes its place.
+After every round the membership invariant must hold. At the end: no thread, file descriptor
+or memory growth in the participant that lived through it all, and no key of the run that
+would outlive the run's TTL. The figures are printed (`-s`) for docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd
 from tests.conftest import etcd_keys
 from tests.support.harness import (
+    JsonDict,
     Participant,
     ParticipantGroup,
     check_membership,
@@ -66,49 +67,22 @@ def test_two_hundred_rounds_with_kills_and_restarts(
     tmp_path: Path, etcd: LocalEtcd, etcd_api: str, kv: KeyValue, run_id: str
 ) -> None:
     seed = int(os.environ.get("SOAK_SEED", time.time_ns() % 1_000_000))
-    rng = random.Random(seed)
     print(f"\nsoak over {etcd_api}: seed {seed} (SOAK_SEED={seed} repeats it)")
-    kills = {"between rounds": 0, "mid-round": 0}
-    round_seconds: list[float] = []
-    last_version = 0
-    started = time.monotonic()
     with ParticipantGroup(
         tmp_path, endpoint=etcd.endpoint, run_id=run_id, min_nodes=NODES, max_nodes=NODES,
         conf=CONF,
     ) as group:  # fmt: skip
-        live = group.start(NODES, backend="etcd-rdzv")
-        originals = set(live)
-        warm: dict[Participant, Usage] = {}
+        soak = Soak(group, random.Random(seed))
         for round_number in range(ROUNDS):
-            round_started = time.monotonic()
-            if round_number and rng.random() < KILL_BETWEEN_ROUNDS:
-                live = replace_one(group, live, rng)
-                kills["between rounds"] += 1
-            if round_number and rng.random() < KILL_MID_ROUND:
-                for participant in live:
-                    participant.send({"cmd": "rendezvous"})
-                time.sleep(rng.uniform(0.0, 0.05))  # the fault's timing, not a wait
-                survivors = replace_one(group, live, rng)
-                newcomer = survivors[-1]
-                newcomer.send({"cmd": "rendezvous"})
-                results = [p.expect_rendezvous(120) for p in survivors]
-                live = survivors
-                kills["mid-round"] += 1
-            else:
-                results = rendezvous_together(live, timeout=120)
-            check_membership(results)
-            versions = {int(r["version"]) for r in results}
-            assert len(versions) == 1 and min(versions) > last_version, (round_number, results)
-            last_version = versions.pop()
-            round_seconds.append(time.monotonic() - round_started)
+            soak.round(first=round_number == 0)
             if round_number == WARM_UP_ROUNDS:
-                warm = {p: usage(p) for p in live if p in originals}
-        end = {p: usage(p) for p in warm if p in live}
-        elapsed = time.monotonic() - started
-    median = sorted(round_seconds)[ROUNDS // 2]
+                warm = {p: usage(p) for p in soak.live}
+        end = {p: usage(p) for p in warm if p in soak.live}
+    assert soak.steady in end
+    median = sorted(soak.round_seconds)[ROUNDS // 2]
     print(
-        f"{ROUNDS} rounds in {elapsed:.0f}s (median round {median:.3f}s, slowest "
-        f"{max(round_seconds):.1f}s), kills {kills}, last version {last_version}"
+        f"{ROUNDS} rounds in {sum(soak.round_seconds):.0f}s (median round {median:.3f}s, slowest "
+        f"{max(soak.round_seconds):.1f}s), kills {soak.kills}, last version {soak.last_version}"
     )
     for participant, after in end.items():
         before = warm[participant]
@@ -119,13 +93,63 @@ def test_two_hundred_rounds_with_kills_and_restarts(
     no_key_outlives_the_run(etcd, etcd_api, kv, run_id)
 
 
-def replace_one(
-    group: ParticipantGroup, live: list[Participant], rng: random.Random
-) -> list[Participant]:
-    victim = rng.choice(live)
-    victim.kill()
-    (newcomer,) = group.start(1, backend="etcd-rdzv")
-    return [p for p in live if p is not victim] + [newcomer]
+class Soak:
+    """The agents of the soak, and what the rounds have shown so far."""
+
+    def __init__(self, group: ParticipantGroup, rng: random.Random) -> None:
+        self.group = group
+        self.rng = rng
+        self.live = group.start(NODES, backend="etcd-rdzv")
+        # Never killed, so that its threads, descriptors and memory tell of every round.
+        self.steady = self.live[0]
+        self.kills = {"between rounds": 0, "mid-round": 0}
+        self.round_seconds: list[float] = []
+        self.last_version = 0
+
+    def round(self, *, first: bool) -> None:
+        started = time.monotonic()
+        if not first and self.rng.random() < KILL_BETWEEN_ROUNDS:
+            victim = self.kill_one()
+            self.live = [p for p in self.live if p is not victim]
+            self.live += self.group.start(1, backend="etcd-rdzv")
+            self.kills["between rounds"] += 1
+        if not first and self.rng.random() < KILL_MID_ROUND:
+            results = self.kill_mid_round()
+        else:
+            results = rendezvous_together(self.live, timeout=120)
+        self.check(results)
+        self.round_seconds.append(time.monotonic() - started)
+
+    def kill_mid_round(self) -> list[JsonDict]:
+        """One agent dies while the others are in a rendezvous; a fresh one takes its place.
+
+        The victim is not asked to rendezvous itself: had it been, it could finish the round
+        and die before answering, and no test could tell that from dying inside it. Deaths at
+        each point inside a rendezvous are tests/integration/test_agent_faults.py's job.
+        """
+        victim = self.rng.choice([p for p in self.live if p is not self.steady])
+        survivors = [p for p in self.live if p is not victim]
+        for participant in survivors:
+            participant.send({"cmd": "rendezvous"})
+        time.sleep(self.rng.uniform(0.0, 0.05))  # the fault's timing, not a wait
+        victim.kill()
+        self.kills["mid-round"] += 1
+        (newcomer,) = self.group.start(1, backend="etcd-rdzv")
+        newcomer.send({"cmd": "rendezvous"})
+        self.live = [*survivors, newcomer]
+        return [p.expect_rendezvous(120) for p in self.live]
+
+    def kill_one(self) -> Participant:
+        victim = self.rng.choice([p for p in self.live if p is not self.steady])
+        victim.kill()
+        return victim
+
+    def check(self, results: list[JsonDict]) -> None:
+        """The invariant, and every round in a version above the last."""
+        check_membership(results)
+        versions = {int(r["version"]) for r in results}
+        assert len(versions) == 1 and min(versions) > self.last_version, results
+        self.last_version = versions.pop()
 
 
 def no_key_outlives_the_run(etcd: LocalEtcd, api: str, kv: KeyValue, run_id: str) -> None:
@@ -136,6 +160,7 @@ def no_key_outlives_the_run(etcd: LocalEtcd, api: str, kv: KeyValue, run_id: str
         assert time.monotonic() < deadline, "keep-alive keys outlived their TTL"
         time.sleep(0.2)
     keys = etcd_keys(etcd, api, run_path + "/")
+    # The state, the counter and each version's store keys (MASTER_ADDR, MASTER_PORT), as torch.
     print(f"keys of the run left after the soak: {len(keys)}")
     if api == "v3":
         # Each is attached to a lease: its own, or the run's (refreshed by live agents only).
