@@ -133,6 +133,18 @@ class ProtocolTtls:
     # Only cleans up state of runs long gone; must outlast anything a live job survives.
     run: float = 7200.0
 
+    @classmethod
+    def from_keep_alive(cls, keep_alive: float) -> ProtocolTtls:
+        """All the lifetimes that bound a dead node's hold on the others, from one setting.
+
+        torch's values keep the same proportions (setup 5 s, joinable and frozen 10 s for a
+        10 s keep-alive), so the default is unchanged; a shorter `keep_alive_ttl` then bounds
+        the recovery from a death in any phase, not only after the version went final.
+        """
+        return cls(
+            setup=keep_alive / 2, joinable=keep_alive, frozen=keep_alive, keep_alive=keep_alive
+        )
+
 
 @dataclass(frozen=True)
 class TelemetryConfig:
@@ -222,7 +234,9 @@ class RendezvousConfig:
         _warn_unknown_keys(conf)
         protocol = _protocol(conf.get("protocol"))
         tls = load_tls_files(conf, protocol)
-        ttls = ProtocolTtls(keep_alive=_seconds(conf, "keep_alive_ttl", ProtocolTtls.keep_alive))
+        ttls = ProtocolTtls.from_keep_alive(
+            _seconds(conf, "keep_alive_ttl", ProtocolTtls.keep_alive)
+        )
         return cls(
             run_id=str(params.run_id),
             endpoints=parse_endpoints(params.endpoint),

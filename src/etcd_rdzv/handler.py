@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import logging
 
 from torch.distributed.elastic.rendezvous import (
@@ -9,15 +11,17 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
     RendezvousStoreInfo,
+    RendezvousTimeoutError,
 )
 
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
-from etcd_rdzv.kv import KeyValue, connect
+from etcd_rdzv.kv import KeyNotFound, KeyValue, connect
 from etcd_rdzv.protocol import Status
 from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
+from etcd_rdzv.retry import Deadline
 from etcd_rdzv.store import EtcdStore
-from etcd_rdzv.telemetry import Observer, build_telemetry
+from etcd_rdzv.telemetry import Observer, Phase, build_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +39,51 @@ class EtcdRdzvHandler(RendezvousHandler):
         return BACKEND_NAME
 
     def next_rendezvous(self) -> RendezvousInfo:
-        membership = self._rendezvous.next_rendezvous()
-        self.last_membership = membership
-        store_prefix = self._rendezvous.paths.store(membership.version)
-        self._kv.ensure_directory(store_prefix)
-        store = EtcdStore(self._kv, store_prefix)
-        bootstrap = RendezvousStoreInfo.build(
-            membership.rank, store, local_addr=self._rendezvous.config.local_addr
+        config = self._rendezvous.config
+        deadline = Deadline(config.timeout)
+        for attempt in itertools.count(1):
+            membership = self._rendezvous.next_rendezvous()
+            self.last_membership = membership
+            store_prefix = self._rendezvous.paths.store(membership.version)
+            self._kv.ensure_directory(store_prefix)
+            store = EtcdStore(self._kv, store_prefix)
+            if membership.rank == 0 or self._master_published(membership, store, deadline):
+                bootstrap = RendezvousStoreInfo.build(
+                    membership.rank, store, local_addr=config.local_addr
+                )
+                return RendezvousInfo(store, membership.rank, membership.world_size, bootstrap)
+            # Rank 0 died between the final state and publishing its address: the version can
+            # never start. Leave it and form the next one, as after any other member's death.
+            detail = f"rank 0 of version {membership.version} died before publishing its address"
+            log.warning("etcd-rdzv: %s; starting a new rendezvous", detail)
+            self._observer.retry(Phase.RENDEZVOUS, "master_gone", attempt, detail)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _master_published(
+        self, membership: Membership, store: EtcdStore, deadline: Deadline
+    ) -> bool:
+        """Wait for rank 0's address in the store while rank 0 lives: True once it is there,
+        False once rank 0's keep-alive key is gone. torch's own wait would last the store's
+        timeout (5 minutes), whatever became of rank 0."""
+        keys = [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
+        master = self._rendezvous.paths.keep_alive(membership.version, 0)
+        while not deadline.expired():
+            # A keep-alive TTL at a time: rank 0 renews its key more often than that.
+            chunk = deadline.bound(self._rendezvous.config.ttls.keep_alive)
+            try:
+                store.wait(keys, datetime.timedelta(seconds=chunk))
+                return True
+            except LookupError:
+                pass
+            try:
+                self._kv.get(master)
+            except KeyNotFound:
+                return False
+        raise RendezvousTimeoutError(
+            f"Rendezvous of run {self._rendezvous.config.run_id!r}: rank 0 of version "
+            f"{membership.version} is alive but did not publish its address within "
+            f"{self._rendezvous.config.timeout:g}s."
         )
-        return RendezvousInfo(store, membership.rank, membership.world_size, bootstrap)
 
     def is_closed(self) -> bool:
         state = self._rendezvous.current_state()

@@ -5,42 +5,76 @@ The handler is created exactly as torchrun's agent creates it. Then each line on
 command (`{"cmd": "rendezvous"}`) and each gets exactly one JSON line on stdout in answer:
 `{"event": <cmd>, ...}` or `{"event": "error", "type", "message", "where", "cmd"}`.
 See tests/support/harness.py for the driving side.
+
+Fault injection (etcd-rdzv backend only; test code, not product code): `--die-at POINT` makes
+the participant, on reaching POINT of the protocol, print `{"event": "held", "point": POINT,
+"version": V, "rank": R}` and block forever, so that a test kills it exactly there.
+`--gate-at POINT` prints the same line (with `"gate": true`) and blocks until SIGUSR1, then
+carries on. Both hook in through the product's observer seam; each fires once. The points:
+
+    setup      this node wrote the setup placeholder (it is opening the next version)
+    join       its own join compare-and-swap applied (it holds a rank; the version may still
+               be joinable, or this join froze it)
+    last_call  it entered the last call, as the node that holds it
+    frozen     the participant set froze; this node has not confirmed yet
+    confirm    its own confirmation applied (its keep-alive key exists)
+    final      the version it is a member of went final; next_rendezvous has not returned
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 # The store prefix of both torch's EtcdStore and ours: `<prefix>/run_<id>/rdzv/v_<N>/kv/`.
 _VERSION_IN_PREFIX = re.compile(r"/v_(\d+)/kv/")
 _PARENT_POLL_SECONDS = 0.5
+HOLD_POINTS = ("setup", "join", "last_call", "frozen", "confirm", "final")
+_OUR_BACKEND = "etcd-rdzv"
+# The only argument of a participant started ahead of need; `_stand_by` tells the rest.
+STANDBY = "--standby"
 
 JsonDict = dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
     protocol = _take_over_stdout()
+    # SIGUSR2 writes every thread's stack to stderr: where a participant hangs, for tests.
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+    # The fault hook writes from inside the protocol; keep each line whole.
+    emitting = threading.Lock()
 
     def emit(event: JsonDict) -> None:
-        protocol.write(json.dumps(event) + "\n")
-        protocol.flush()
+        with emitting:
+            protocol.write(json.dumps(event) + "\n")
+            protocol.flush()
 
     stage = "args"
     try:
-        args = _parse_args(argv)
         _exit_when_orphaned()
+        argv = sys.argv[1:] if argv is None else argv
+        if argv == [STANDBY]:
+            stage = "standby"
+            configured = _stand_by(sys.stdin)
+            if configured is None:
+                return 0
+            argv = configured
+            stage = "args"
+        args = _parse_args(argv)
         stage = "create"
-        handler = _create_handler(args)
+        handler = _create_handler(args, emit)
         emit({"event": "ready", "pid": os.getpid()})
         stage = "serve"
         return _serve(_Session(handler), sys.stdin, emit)
@@ -48,6 +82,29 @@ def main(argv: list[str] | None = None) -> int:
         # Even SystemExit from argparse or a KeyboardInterrupt gets an answer: never die silently.
         emit(_error_event(exc, where=stage))
         return 1
+
+
+def _stand_by(commands_in: TextIO) -> list[str] | None:
+    """Import the expensive modules now, then wait, silently, for the arguments to run with.
+
+    A test keeps a few participants on standby (see `StandbyPool` in harness.py) so that
+    starting one costs no torch import. The one line expected is `{"cmd": "configure",
+    "argv": [...], "env": {...}}`; the environment becomes exactly `env`, as if the process
+    had just been spawned with it. End of input (the pool closing) ends the process.
+    """
+    import torch.distributed.elastic.rendezvous.registry  # noqa: F401
+
+    import etcd_rdzv.handler  # noqa: F401
+
+    line = commands_in.readline()
+    if not line:
+        return None
+    command = json.loads(line)
+    if command.get("cmd") != "configure":
+        raise ValueError(f"a standby participant expects `configure` first, got {command}")
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in command["env"].items()})
+    return [str(arg) for arg in command["argv"]]
 
 
 def _take_over_stdout() -> TextIO:
@@ -88,7 +145,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a rendezvous config entry, as torchrun's --rdzv-conf (repeatable)",
     )
     parser.add_argument("--local-addr", default=None)
-    return parser.parse_args(argv)
+    hold = parser.add_mutually_exclusive_group()
+    hold.add_argument(
+        "--die-at",
+        choices=HOLD_POINTS,
+        default=None,
+        help="on reaching this protocol point, print a `held` line and block forever",
+    )
+    hold.add_argument(
+        "--gate-at",
+        choices=HOLD_POINTS,
+        default=None,
+        help="on reaching this protocol point, print a `held` line and block until SIGUSR1",
+    )
+    args = parser.parse_args(argv)
+    if (args.die_at or args.gate_at) and args.backend != _OUR_BACKEND:
+        parser.error(f"--die-at and --gate-at need --backend={_OUR_BACKEND}")
+    return args
 
 
 def _parse_conf(entries: list[str]) -> dict[str, str]:
@@ -101,7 +174,7 @@ def _parse_conf(entries: list[str]) -> dict[str, str]:
     return conf
 
 
-def _create_handler(args: argparse.Namespace) -> Any:
+def _create_handler(args: argparse.Namespace, emit: Callable[[JsonDict], None]) -> Any:
     # Imported here so a failing torch import is reported as a `create` error event.
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
@@ -115,7 +188,87 @@ def _create_handler(args: argparse.Namespace) -> Any:
         local_addr=args.local_addr,
         **_parse_conf(args.conf),
     )
-    return get_rendezvous_handler(params)
+    point = args.die_at or args.gate_at
+    if point is None:
+        return get_rendezvous_handler(params)
+    # The same handler torchrun would get, with one more observer next to its telemetry.
+    from etcd_rdzv.config import RendezvousConfig
+    from etcd_rdzv.handler import create_handler
+    from etcd_rdzv.telemetry import FanOut, build_telemetry
+
+    released = None
+    if args.gate_at is not None:
+        released = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: released.set())
+    hook = _make_hold_hook(point, emit, released)
+    telemetry = build_telemetry(RendezvousConfig.from_parameters(params))
+    return create_handler(params, observer=FanOut([telemetry, hook]))
+
+
+def _make_hold_hook(
+    point: str, emit: Callable[[JsonDict], None], released: threading.Event | None
+) -> Any:
+    """An `Observer` that holds the protocol at `point` (see the module docstring)."""
+    from etcd_rdzv.telemetry import Observer, Phase, PhaseScope
+
+    class HoldAt(Observer):
+        def __init__(self) -> None:
+            self.fired = False
+            self.phases: list[Phase] = []
+            self.version: int | None = None
+            self.rank: int | None = None
+
+        def hold(self, at: str) -> None:
+            if at != point or self.fired:
+                return
+            self.fired = True
+            held = {"event": "held", "point": at, "version": self.version, "rank": self.rank}
+            emit({**held, "gate": released is not None})
+            if released is None:
+                threading.Event().wait()  # until the test kills this process
+            else:
+                released.wait()
+
+        @contextmanager
+        def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
+            self.phases.append(phase)
+            self.version = attributes.get("version", self.version)
+            self.rank = attributes.get("rank", self.rank)
+            entering = {
+                Phase.LAST_CALL: "last_call",
+                Phase.CONFIRM: "frozen",
+                Phase.FINAL_WAIT: "confirm",
+            }.get(phase)
+            try:
+                if entering is not None:
+                    self.hold(entering)
+                yield Scope(self, phase)
+            finally:
+                self.phases.pop()
+
+        def transition(
+            self, version: int | None, before: str | None, after: str, participants: int,
+            made: bool,
+        ) -> None:  # fmt: skip
+            self.version = version
+            if after == "setup" and made:
+                self.hold("setup")
+            # Only as a member: a node that finds a final version in setup is not in it.
+            elif after == "final" and {Phase.CONFIRM, Phase.FINAL_WAIT} & set(self.phases):
+                self.hold("final")
+
+    class Scope(PhaseScope):
+        def __init__(self, hook: HoldAt, phase: Phase) -> None:
+            self.hook = hook
+            self.phase = phase
+
+        def annotate(self, **attributes: Any) -> None:
+            # The join phase annotates the rank right after its compare-and-swap applied.
+            if self.phase is Phase.JOIN and "rank" in attributes:
+                self.hook.rank = attributes["rank"]
+                self.hook.hold("join")
+
+    return HoldAt()
 
 
 class _Session:
@@ -137,6 +290,7 @@ class _Session:
             "store_add": self.store_add,
             "store_wait": self.store_wait,
             "store_check": self.store_check,
+            "threads": lambda _: {"value": sorted(t.name for t in threading.enumerate())},
         }
 
     def rendezvous(self, _: JsonDict) -> JsonDict:

@@ -46,6 +46,15 @@ def test_unknown_etcd_api_is_rejected_with_the_choices() -> None:
         config_of(etcd_api="v4")
 
 
+def test_the_protocol_ttls_follow_the_keep_alive_ttl() -> None:
+    # torch's proportions: the default keep-alive of 10 s gives torch's 5/10/10 s exactly.
+    default = config_of().ttls
+    assert (default.setup, default.joinable, default.frozen, default.keep_alive) == (5, 10, 10, 10)
+    short = config_of(keep_alive_ttl="2").ttls
+    assert (short.setup, short.joinable, short.frozen, short.keep_alive) == (1, 2, 2, 2)
+    assert short.run == default.run == 7200
+
+
 def test_rdzv_conf_values_arrive_as_strings() -> None:
     config = config_of(timeout="120", last_call_timeout="2.5", keep_alive_ttl="3")
     assert (config.timeout, config.last_call_timeout, config.ttls.keep_alive) == (120, 2.5, 3)
