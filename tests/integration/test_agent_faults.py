@@ -41,7 +41,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from tests.support.harness import (
     check_membership,
     wait_ready,
 )
+from tests.support.waiting import wait_until
 
 BACKEND = "etcd-rdzv"
 KEEP_ALIVE_TTL = 2.0
@@ -146,16 +147,6 @@ def faults(
     standby: StandbyPool,
 ) -> Faults:  # fmt: skip
     return Faults(request, etcd=etcd, kv=kv, run_id=run_id, standby=standby)
-
-
-def wait_until(condition: str, check: Callable[[], object], timeout: float) -> float:
-    """Poll `check()` (an etcd read, a participant's answer) until truthy; the time it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if check():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {condition}")
 
 
 def send_rendezvous(participants: Iterable[Participant]) -> None:

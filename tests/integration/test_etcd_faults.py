@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ from etcd_rdzv.telemetry import FanOut
 from etcd_rdzv.telemetry.metrics import MetricsObserver, RendezvousMetrics
 from tests.conftest import EtcdFactory, etcd_keys, open_kv
 from tests.support.harness import JsonDict, Participant, ParticipantGroup, check_membership
+from tests.support.waiting import wait_until
 
 BACKEND = "etcd-rdzv"
 # request_timeout bounds one etcd operation, retries and failover included: longer than any
@@ -53,16 +54,6 @@ JOIN_TIMEOUT = 30.0
 
 def state_key(run_id: str) -> str:
     return f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
-
-
-def wait_until(condition: str, check: Callable[[], object], timeout: float) -> None:
-    """Poll `check()` until truthy; bounded in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {condition}")
 
 
 def participants_of(kv: KeyValue, run_id: str) -> list[int] | None:

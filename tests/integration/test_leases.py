@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.local_etcd import LocalEtcd
 from etcd_rdzv.telemetry import Observer
 from tests.conftest import EtcdFactory, open_kv
+from tests.support.waiting import wait_until
 
 
 class RefreshLog(Observer):
@@ -17,13 +15,6 @@ class RefreshLog(Observer):
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
         self.results.append(ok)
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.05)
 
 
 def test_refresher_survives_an_etcd_that_stops_answering(

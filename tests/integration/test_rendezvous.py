@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from tests.conftest import EtcdFactory, etcd_keys, only_etcd_api
 from tests.support.harness import ParticipantGroup, check_membership
+from tests.support.waiting import wait_until
 
 BACKEND = "etcd-rdzv"
 # Short TTLs and windows keep the suite fast; the protocol is the same at torch's defaults.
@@ -40,16 +41,6 @@ def active_state(kv: KeyValue, run_id: str) -> dict[str, object] | None:
         return None
     state: dict[str, object] = json.loads(value)
     return state
-
-
-def wait_until(condition: str, check: Callable[[], object], timeout: float) -> None:
-    """Poll `check()` until truthy; bounded in time, with a short interval."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {condition}")
 
 
 @pytest.mark.parametrize("size", [1, 2, 8])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from tests.support.harness import (
     check_membership,
     leave_stale_frozen_version,
 )
+from tests.support.waiting import wait_until
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
 
@@ -35,13 +34,6 @@ def scrape(port: int) -> dict[str, list[Any]]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.05)
 
 
 def span_names(trace_file: Path) -> set[str]:

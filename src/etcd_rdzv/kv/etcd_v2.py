@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import etcd
 import urllib3.exceptions
 
-from etcd_rdzv.config import Credentials, EtcdEndpoint, RendezvousConfig
+from etcd_rdzv.config import Credentials, EtcdEndpoint
 from etcd_rdzv.errors import EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -67,20 +67,6 @@ class EtcdV2(KeyValue):
             _client(ep, protocol, client_cert, cacert, request_timeout, credentials=credentials)
             for ep in endpoints
         ]
-
-    @classmethod
-    def from_config(cls, config: RendezvousConfig, observer: Observer) -> EtcdV2:
-        tls = config.tls
-        return cls(
-            config.endpoints,
-            protocol=config.protocol,
-            cacert=str(tls.cacert) if tls.cacert else None,
-            cert=str(tls.cert) if tls.cert else None,
-            key=str(tls.key) if tls.key else None,
-            request_timeout=config.request_timeout,
-            credentials=config.credentials,
-            observer=observer,
-        )
 
     def describe(self) -> str:
         return self._failover.describe()

@@ -30,7 +30,7 @@ from typing import Any
 import urllib3
 import urllib3.exceptions
 
-from etcd_rdzv.config import Credentials, EtcdEndpoint, RendezvousConfig
+from etcd_rdzv.config import Credentials, EtcdEndpoint
 from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -145,20 +145,6 @@ class EtcdV3(KeyValue):
         self._directories: dict[str, tuple[int, float]] = {}
         # Leases granted for a write that lost its compare: no key uses them yet.
         self._spares: dict[int, tuple[int, float]] = {}
-
-    @classmethod
-    def from_config(cls, config: RendezvousConfig, observer: Observer) -> EtcdV3:
-        tls = config.tls
-        return cls(
-            config.endpoints,
-            protocol=config.protocol,
-            cacert=str(tls.cacert) if tls.cacert else None,
-            cert=str(tls.cert) if tls.cert else None,
-            key=str(tls.key) if tls.key else None,
-            request_timeout=config.request_timeout,
-            credentials=config.credentials,
-            observer=observer,
-        )
 
     def describe(self) -> str:
         return self._failover.describe()
