@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the demo and the tests run for real: etcd (its client lists keys for tests) and
-# Prometheus (with promtool); docker-compose checks the compose file (no engine runs here).
-DEBIAN_PACKAGES := etcd-server etcd-client prometheus docker-compose
+# Prometheus (with promtool); docker-compose checks the compose file (no engine runs here);
+# openssl makes the TLS tests' certificates.
+DEBIAN_PACKAGES := etcd-server etcd-client prometheus docker-compose openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
