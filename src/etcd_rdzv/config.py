@@ -68,11 +68,19 @@ class EtcdEndpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     cacert: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+
+    def as_strings(self) -> tuple[str | None, str | None, str | None]:
+        """(cacert, cert, key) as the client libraries take them: paths as text, or None."""
+        return _text(self.cacert), _text(self.cert), _text(self.key)
 
 
 @dataclass(frozen=True)

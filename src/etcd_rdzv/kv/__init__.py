@@ -7,7 +7,7 @@ cannot. TTLs are in seconds; over v3 a TTL key is a key attached to a lease.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -28,23 +28,13 @@ if TYPE_CHECKING:
 
 def connect(config: RendezvousConfig, observer: Observer) -> KeyValue:
     """The transport `config.etcd_api` names; each imports its client library only when chosen."""
-    tls = config.tls
-    options: dict[str, Any] = {
-        "protocol": config.protocol,
-        "cacert": str(tls.cacert) if tls.cacert else None,
-        "cert": str(tls.cert) if tls.cert else None,
-        "key": str(tls.key) if tls.key else None,
-        "request_timeout": config.request_timeout,
-        "credentials": config.credentials,
-        "observer": observer,
-    }
     if config.etcd_api == "v2":
         from etcd_rdzv.kv.etcd_v2 import EtcdV2
 
-        return EtcdV2(config.endpoints, **options)
+        return EtcdV2(config, observer)
     from etcd_rdzv.kv.etcd_v3 import EtcdV3
 
-    return EtcdV3(config.endpoints, **options)
+    return EtcdV3(config, observer)
 
 
 __all__ = [

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import etcd
 import urllib3.exceptions
 
-from etcd_rdzv.config import Credentials, EtcdEndpoint
+from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
 from etcd_rdzv.errors import EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -49,24 +49,10 @@ class V2ApiUnavailable(EtcdRejectedError):
 
 
 class EtcdV2(KeyValue):
-    def __init__(
-        self,
-        endpoints: Sequence[EtcdEndpoint],
-        *,
-        protocol: str = "http",
-        cacert: str | None = None,
-        cert: str | None = None,
-        key: str | None = None,
-        request_timeout: float = 10.0,
-        credentials: Credentials | None = None,
-        observer: Observer,
-    ) -> None:
-        self._failover = Failover(endpoints, request_timeout, observer)
-        client_cert: str | tuple[str, str] | None = (cert, key) if cert and key else cert
-        self._clients = [
-            _client(ep, protocol, client_cert, cacert, request_timeout, credentials=credentials)
-            for ep in endpoints
-        ]
+    def __init__(self, config: RendezvousConfig, observer: Observer) -> None:
+        """Connect as `config` says: its endpoints, TLS files, credentials and timeout."""
+        self._failover = Failover(config.endpoints, config.request_timeout, observer)
+        self._clients = [_client(endpoint, config) for endpoint in config.endpoints]
 
     def describe(self) -> str:
         return self._failover.describe()
@@ -238,24 +224,18 @@ def _classify(
     return "error", EtcdRejectedError(f"{where}: {error}")
 
 
-def _client(
-    endpoint: EtcdEndpoint,
-    protocol: str,
-    cert: str | tuple[str, str] | None,
-    cacert: str | None,
-    request_timeout: float,
-    *,
-    credentials: Credentials | None,
-) -> etcd.Client:
+def _client(endpoint: EtcdEndpoint, config: RendezvousConfig) -> etcd.Client:
+    cacert, cert, key = config.tls.as_strings()
+    credentials = config.credentials
     client = etcd.Client(
         username=credentials.username if credentials else None,
         password=credentials.password if credentials else None,
         host=endpoint.host,
         port=endpoint.port,
-        protocol=protocol,
-        cert=cert,
+        protocol=config.protocol,
+        cert=(cert, key) if cert and key else cert,
         ca_cert=cacert,
-        read_timeout=request_timeout,
+        read_timeout=config.request_timeout,
         allow_reconnect=False,
     )
     # Every retry is decided in EtcdV2._call; urllib3 would re-send PUTs on its own.

@@ -24,13 +24,13 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import urllib3
 import urllib3.exceptions
 
-from etcd_rdzv.config import Credentials, EtcdEndpoint
+from etcd_rdzv.config import Credentials, RendezvousConfig
 from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
@@ -113,31 +113,23 @@ class _StreamEnded(Exception):
 
 
 class EtcdV3(KeyValue):
-    def __init__(
-        self,
-        endpoints: Sequence[EtcdEndpoint],
-        *,
-        protocol: str = "http",
-        cacert: str | None = None,
-        cert: str | None = None,
-        key: str | None = None,
-        request_timeout: float = 10.0,
-        credentials: Credentials | None = None,
-        observer: Observer,
-    ) -> None:
-        self._failover = Failover(endpoints, request_timeout, observer)
-        self._credentials = credentials
+    def __init__(self, config: RendezvousConfig, observer: Observer) -> None:
+        """Connect as `config` says: its endpoints, TLS files, credentials and timeout."""
+        endpoints = config.endpoints
+        cacert, cert, key = config.tls.as_strings()
+        self._failover = Failover(endpoints, config.request_timeout, observer)
+        self._credentials = config.credentials
         # The auth token of the endpoint that issued it; any endpoint accepts it.
         self._token: str | None = None
-        self._urls = [f"{protocol}://{endpoint}/v3" for endpoint in endpoints]
-        self._request_timeout = request_timeout
-        tls: Json = {}
-        if protocol == "https":
-            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": cacert}
+        self._urls = [f"{config.protocol}://{endpoint}/v3" for endpoint in endpoints]
+        self._request_timeout = config.request_timeout
+        pool_tls: Json = {}
+        if config.protocol == "https":
+            pool_tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": cacert}
             if cert:
-                tls.update(cert_file=cert, key_file=key)
+                pool_tls.update(cert_file=cert, key_file=key)
         # Watches and keep-alive threads hold connections at the same time as the main thread.
-        self._http = urllib3.PoolManager(num_pools=len(endpoints), maxsize=4, **tls)
+        self._http = urllib3.PoolManager(num_pools=len(endpoints), maxsize=4, **pool_tls)
         self._lock = threading.Lock()
         # The lease of each TTL key this process wrote, so a refresh needs no read.
         self._key_leases: dict[str, int] = {}
