@@ -320,10 +320,8 @@ class EtcdV3(KeyValue):
         if ttl is not None:
             return self._grant(ttl), True
         with self._lock:
-            enclosing = [d for d in self._directories if key.startswith(d.rstrip("/") + "/")]
-            if not enclosing:
-                return 0, False
-            return self._directories[max(enclosing, key=len)][0], False
+            directory = self._directory_of(key)
+            return (0 if directory is None else self._directories[directory][0]), False
 
     def _grant(self, ttl: float) -> int:
         seconds = _lease_seconds(ttl)
@@ -380,13 +378,17 @@ class EtcdV3(KeyValue):
 
     def _renew_directory_of(self, key: str) -> bool:
         with self._lock:
-            enclosing = [d for d in self._directories if key.startswith(d.rstrip("/") + "/")]
-            if not enclosing:
+            directory = self._directory_of(key)
+            if directory is None:
                 return False
-            directory = max(enclosing, key=len)
             _, ttl = self._directories.pop(directory)
         self.ensure_directory(directory, ttl)
         return True
+
+    def _directory_of(self, key: str) -> str | None:
+        """The innermost directory with a lease that `key` lies below; hold the lock."""
+        enclosing = [d for d in self._directories if key.startswith(d.rstrip("/") + "/")]
+        return max(enclosing, key=len) if enclosing else None
 
     # --- execution ---------------------------------------------------------------------------
 
