@@ -140,8 +140,47 @@ def setup(*, now: float | None = None) -> RendezvousState:
     return _entered(RendezvousState(Status.SETUP), now)
 
 
-def open_version(version: int, *, now: float | None = None) -> RendezvousState:
-    return _entered(RendezvousState(Status.JOINABLE, version=version), now)
+# Ours, not torch's: the W3C traceparent of the version's trace (when its opener traces), which
+# every node's phase spans join. torch carries it through its rewrites like any unknown field.
+TRACE_FIELD = "etcd_rdzv_trace"
+
+
+# Ours, not torch's: the opener's [min_nodes, max_nodes]. Under claims nothing else shows a
+# node that its --nnodes differs from the run's (see `claimed_rank`).
+NODES_FIELD = "etcd_rdzv_nodes"
+
+
+def open_version(
+    version: int,
+    *,
+    now: float | None = None,
+    trace_context: str | None = None,
+    nodes: tuple[int, int] | None = None,
+) -> RendezvousState:
+    extra: dict[str, Any] = {}
+    if trace_context is not None:
+        extra[TRACE_FIELD] = trace_context
+    if nodes is not None:
+        extra[NODES_FIELD] = list(nodes)
+    return _entered(RendezvousState(Status.JOINABLE, version=version, extra=extra), now)
+
+
+def declared_nodes(state: RendezvousState) -> tuple[int, int] | None:
+    """The (min_nodes, max_nodes) the version was opened with, when its opener recorded them."""
+    nodes = state.extra.get(NODES_FIELD)
+    if (
+        isinstance(nodes, list)
+        and len(nodes) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in nodes)
+    ):
+        return nodes[0], nodes[1]
+    return None
+
+
+def trace_context(state: RendezvousState) -> str | None:
+    """The version's shared trace context; None when its opener did not trace (or was torch)."""
+    context = state.extra.get(TRACE_FIELD)
+    return context if isinstance(context, str) else None
 
 
 @dataclass(frozen=True)
@@ -172,9 +211,14 @@ def join(
     return Joined(joined, rank, lifetime, holds_last_call=rank == min_nodes - 1)
 
 
-def freeze(state: RendezvousState, *, now: float | None = None) -> RendezvousState:
-    """Close the join window at the end of the last call."""
-    return _entered(replace(state, status=Status.FROZEN, keep_alives=()), now)
+def freeze(
+    state: RendezvousState, *, now: float | None = None, world_size: int | None = None
+) -> RendezvousState:
+    """Close the join window. Under claims (below) the state does not list who joined: the
+    freezing node counted `world_size` join claims."""
+    participants = state.participants if world_size is None else tuple(range(world_size))
+    frozen = replace(state, status=Status.FROZEN, participants=participants, keep_alives=())
+    return _entered(frozen, now)
 
 
 @dataclass(frozen=True)
@@ -191,9 +235,52 @@ def confirm(state: RendezvousState, keep_alive_key: str, *, now: float | None = 
     """Record one participant's keep-alive key; the last confirmation makes the version final."""
     keep_alives = (*(state.keep_alives or ()), keep_alive_key)
     if len(keep_alives) == state.world_size:
-        final = replace(state, status=Status.FINAL, keep_alives=keep_alives, num_workers_waiting=0)
-        return Confirmed(_entered(final, now), Lifetime.PERMANENT)
+        return Confirmed(complete(state, keep_alives, now=now), Lifetime.PERMANENT)
     return Confirmed(replace(state, keep_alives=keep_alives), Lifetime.FROZEN)
+
+
+def complete(
+    state: RendezvousState, keep_alives: Iterable[str], *, now: float | None = None
+) -> RendezvousState:
+    """The final state: every participant confirmed with its keep-alive key."""
+    final = replace(
+        state, status=Status.FINAL, keep_alives=tuple(keep_alives), num_workers_waiting=0
+    )
+    return _entered(final, now)
+
+
+# --- claims: joins and confirmations without contention (etcd v3) ---------------------------
+# Over v3 a node joins by creating a key of its own, `v_N/joined/<node>`, in a transaction that
+# also checks that the joinable state is unchanged and counts the join keys: its rank is its
+# place among them. It confirms the same way, by creating its keep-alive key while the frozen
+# state is unchanged. Nobody rewrites the shared state to join or confirm, so no node ever
+# loses a compare-and-swap to another and no waiting node wakes up for each join: the state
+# changes only when the version freezes and when it goes final. The documents keep torch's
+# shape; only the joinable one does not list its participants. torch's backend speaks v2 only,
+# so it never meets this layout.
+
+
+@dataclass(frozen=True)
+class ClaimedRank:
+    rank: int
+    # The version filled up before this claim: its node has no rank in it.
+    too_late: bool
+    # This claim filled the version: its node freezes it at once.
+    freezes: bool
+    # This claim reached min_nodes: its node waits out the last call, then freezes.
+    holds_last_call: bool
+
+
+def claimed_rank(position: int, min_nodes: int, max_nodes: int) -> ClaimedRank:
+    """What the node whose join claim is the `position`-th (from 1) of its version does."""
+    if position < 1:
+        raise ValueError(f"a claim's position counts itself, got {position}")
+    return ClaimedRank(
+        rank=position - 1,
+        too_late=position > max_nodes,
+        freezes=position == max_nodes,
+        holds_last_call=position == min_nodes < max_nodes,
+    )
 
 
 def announce_waiting(state: RendezvousState) -> RendezvousState:

@@ -12,6 +12,12 @@
 
 Each wait is an etcd watch on the state key, never a sleep. A phase that finds the state
 moved on raises `_StartOver`; `next_rendezvous` starts again from setup until its deadline.
+
+Two layouts, one per etcd API. Over v2 a node joins and confirms by a compare-and-swap of the
+shared state, exactly as torch's backend does, so both can take part in one rendezvous. Over
+v3 (which torch never speaks) it claims a key of its own instead (see `protocol`, "claims"):
+no node loses a compare-and-swap to another, and waiting nodes wake up only when the version
+freezes and when it goes final.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
@@ -34,7 +41,15 @@ from etcd_rdzv.errors import (
     RendezvousClosedError,
     RendezvousTimeoutError,
 )
-from etcd_rdzv.kv import AlreadyExists, CompareFailed, Entry, KeyNotFound, KeyValue, OutcomeUnknown
+from etcd_rdzv.kv import (
+    AlreadyExists,
+    CompareFailed,
+    Entry,
+    KeyNotFound,
+    KeyValue,
+    KvError,
+    OutcomeUnknown,
+)
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline
@@ -77,9 +92,13 @@ class RunPaths:
     def store(self, version: int) -> str:
         return f"{self.run}/rdzv/v_{version}/kv"
 
-    def version_context(self, version: int) -> str:
-        """Ours, not torch's: the context (a trace) all nodes of a version share."""
-        return f"{self.run}/rdzv/v_{version}/trace_context"
+    def join_claims(self, version: int) -> str:
+        """Ours, not torch's: the prefix of the join claims of a version (claims layout)."""
+        return f"{self.run}/rdzv/v_{version}/joined/"
+
+    def keep_alives(self, version: int) -> str:
+        """The prefix every keep-alive key of a version starts with."""
+        return f"{self.run}/rdzv/v_{version}/rank_"
 
 
 class _StartOver(Exception):
@@ -100,22 +119,34 @@ Snapshot = tuple[Entry, RendezvousState]
 
 class EtcdRendezvous:
     def __init__(
-        self, kv: KeyValue, config: RendezvousConfig, observer: Observer = NOOP_OBSERVER
+        self,
+        kv: KeyValue,
+        config: RendezvousConfig,
+        observer: Observer = NOOP_OBSERVER,
+        on_rank_zero: Callable[[int], object] | None = None,
     ) -> None:
+        """`on_rank_zero(version)` runs once this node confirmed rank 0 of `version`, while
+        the others may still confirm: the handler publishes the master address there."""
         self.config = config
+        self._on_rank_zero = on_rank_zero
         self.paths = RunPaths(config.run_path)
         self._kv = kv
         self._observer = observer
         self._run_keep_alive: KeepAlive | None = None
         self._rank_keep_alive: KeepAlive | None = None
         self._last_seen: tuple[int | None, str] | None = None
-        self._version_context: tuple[int, str | None] | None = None
         self._lock = threading.Lock()
+        # Names this node's join claims; unique per process and per rendezvous object.
+        self._claimant = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Create the run's directories and version counter, and keep the run alive."""
+        """Create the run's directories and keep the run alive.
+
+        The version counter is left to the node that opens the first version: one request per
+        node fewer, and torch's nodes create it for themselves.
+        """
         if self.config.prefix != "/":
             self._kv.ensure_directory(self.config.prefix)
         self._kv.ensure_directory(self.paths.run, ttl=self.config.ttls.run)
@@ -124,10 +155,6 @@ class EtcdRendezvous:
                 self._kv, self.paths.run, self.config.ttls.run, "run", self._observer
             ).start()
         self._kv.ensure_directory(self.paths.rdzv)
-        try:
-            self._kv.create(self.paths.version_counter, "0")
-        except (AlreadyExists, OutcomeUnknown):
-            pass
 
     def stop(self) -> None:
         """Stop every refresher; the run's keys then expire on their own."""
@@ -199,7 +226,9 @@ class EtcdRendezvous:
         return self._take_part(state.version, (entry, state), deadline)
 
     def _take_part(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Membership:
-        self._enter_version(version)
+        self._enter_version(version, snapshot[1])
+        if self._kv.supports_claims:
+            return self._take_part_by_claims(version, snapshot, deadline)
         with self._observer.phase(Phase.JOIN, version=version) as scope:
             joined, snapshot = self._join(version, snapshot, deadline, scope)
             scope.annotate(rank=joined.rank, participants=joined.state.world_size)
@@ -218,6 +247,7 @@ class EtcdRendezvous:
         with self._observer.phase(Phase.CONFIRM, version=version, rank=joined.rank):
             snapshot = self._confirm(version, joined.rank, deadline)
         with self._observer.phase(Phase.FINAL_WAIT, version=version, rank=joined.rank):
+            self._confirmed(version, joined.rank)
             _, state = self._await(
                 snapshot,
                 Phase.FINAL_WAIT,
@@ -227,22 +257,74 @@ class EtcdRendezvous:
             )
         return Membership(version, joined.rank, state.world_size)
 
+    def _take_part_by_claims(
+        self, version: int, snapshot: Snapshot, deadline: Deadline
+    ) -> Membership:
+        """The same phases, joining and confirming by claims (etcd v3)."""
+        with self._observer.phase(Phase.JOIN, version=version) as scope:
+            claimed, snapshot = self._claim_rank(version, snapshot)
+            if claimed.too_late:
+                scope.annotate(participants=self.config.max_nodes)
+            else:
+                scope.annotate(rank=claimed.rank, participants=claimed.rank + 1)
+                if claimed.freezes:
+                    snapshot = self._freeze(version, snapshot, Phase.JOIN, self.config.max_nodes)
+        if claimed.too_late:
+            self._await_freeze(version, snapshot, claimed, deadline)
+            raise _StartOver(Phase.JOIN, "version_full", f"version {version} filled up first")
+        rank = claimed.rank
+        if claimed.holds_last_call:
+            with self._observer.phase(Phase.LAST_CALL, version=version, rank=rank):
+                snapshot = self._hold_last_call(version, snapshot, deadline)
+        with self._observer.phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
+            snapshot = self._await_freeze(version, snapshot, claimed, deadline)
+            scope.annotate(participants=snapshot[1].world_size)
+        if rank >= snapshot[1].world_size:
+            # Its claim came after the last-call holder counted the claims and froze.
+            raise _StartOver(Phase.FROZEN_WAIT, "version_full", f"version {version} froze first")
+        with self._observer.phase(Phase.CONFIRM, version=version, rank=rank):
+            snapshot = self._claim_confirmation(version, rank, snapshot)
+        with self._observer.phase(Phase.FINAL_WAIT, version=version, rank=rank):
+            self._confirmed(version, rank)
+            _, state = self._await(
+                snapshot,
+                Phase.FINAL_WAIT,
+                done=lambda s: s.is_version(Status.FINAL, version),
+                still=lambda s: s.is_version(Status.FROZEN, version),
+                deadline=deadline,
+            )
+        return Membership(version, rank, state.world_size)
+
     # --- phases ------------------------------------------------------------------------------
 
     def _create_or_observe(self) -> Snapshot:
-        """Setup: open the next version if there is none, else report the current state."""
+        """Setup: open the next version if there is none, else report the current state.
+
+        Read first: all but one node find a state, and a read is one request where a refused
+        create is two over v3 (its placeholder's lease, then the transaction).
+        """
+        try:
+            return self._read_state(Phase.SETUP)
+        except _StartOver:
+            pass  # no active version: open one
         placeholder_state = protocol.setup(now=time.time())
         try:
             placeholder = self._kv.create(
                 self.paths.active_version, placeholder_state.encode(), ttl=self.config.ttls.setup
             )
-        except AlreadyExists:
-            return self._read_state(Phase.SETUP)
+        except AlreadyExists as taken:
+            return self._state_after(taken, Phase.SETUP)
         self._see(placeholder_state, made=True)
         version = self._increment_version_counter()
         self._kv.ensure_directory(self.paths.version_dir(version))
-        self._publish_version_context(version)
-        opened = protocol.open_version(version, now=time.time())
+        # The version's trace travels in its state: no node reads a key of its own for it.
+        trace_context = self._observer.open_version(version)
+        opened = protocol.open_version(
+            version,
+            now=time.time(),
+            trace_context=trace_context,
+            nodes=(self.config.min_nodes, self.config.max_nodes),
+        )
         try:
             entry = self._kv.compare_and_swap(
                 self.paths.active_version, opened.encode(), placeholder, ttl=None
@@ -290,6 +372,155 @@ class EtcdRendezvous:
             return joined, (entry, joined.state)
         raise _StartOver(Phase.JOIN, "cas_exhausted", "too many lost compare-and-swaps")
 
+    def _claim_rank(
+        self, version: int, snapshot: Snapshot
+    ) -> tuple[protocol.ClaimedRank, Snapshot]:
+        """Join by claim: a key of our own, created while the joinable state is unchanged."""
+        entry, state = snapshot
+        if not state.is_version(Status.JOINABLE, version):
+            raise _StartOver(Phase.JOIN, "state_moved_on", f"version {version} is not joinable")
+        ours = (self.config.min_nodes, self.config.max_nodes)
+        declared = protocol.declared_nodes(state)
+        if declared is not None and declared != ours:
+            raise ConfigurationError(
+                f"Run {self.config.run_id!r}: version {version} was opened with --nnodes "
+                f"{declared[0]}:{declared[1]} and this node has min_nodes {ours[0]}, max_nodes "
+                f"{ours[1]}: every node of a run must use the same --nnodes MIN:MAX."
+            )
+        key = self.paths.join_claims(version) + self._claimant
+        identity = _node_identity(self.config.local_addr, self.config.ttls.keep_alive)
+        try:
+            position = self._kv.claim(
+                key, identity, guard=entry, queue=self.paths.join_claims(version)
+            ).position
+        except CompareFailed as moved:
+            # Frozen (or gone) under us; the refusal carries the state that replaced it.
+            self._observer.retry(Phase.JOIN, "compare_failed", 1)
+            if moved.current is not None:
+                self._decode(moved.current)
+            raise _StartOver(
+                Phase.JOIN, "state_moved_on", f"version {version} stopped being joinable"
+            ) from None
+        except AlreadyExists:
+            # An earlier claim of ours applied though its answer was lost: find its place.
+            position = self._position_of(key, self.paths.join_claims(version))
+        claimed = protocol.claimed_rank(position, self.config.min_nodes, self.config.max_nodes)
+        self._observer.state_seen(
+            version, Status.JOINABLE.value, min(position, self.config.max_nodes)
+        )
+        return claimed, snapshot
+
+    def _position_of(self, key: str, queue: str) -> int:
+        """The place of a claim among its queue's, from a listing: claims are never rewritten,
+        so their revisions are their creation order."""
+        directory, _, _ = queue.rpartition("/")
+        entries = self._kv.list(directory).entries
+        claims = [entry for entry in entries if entry.key.startswith(queue)]
+        mine = next(entry.revision for entry in claims if entry.key == key)
+        return sum(1 for entry in claims if entry.revision <= mine)
+
+    def _freeze(self, version: int, snapshot: Snapshot, phase: Phase, world_size: int) -> Snapshot:
+        """Freeze a claimed version with its first `world_size` claims as participants."""
+        entry, state = snapshot
+        for attempt in range(CAS_BACKOFF.max_attempts):
+            if state.is_version(Status.FROZEN, version):
+                return entry, state
+            if not state.is_version(Status.JOINABLE, version):
+                raise _StartOver(phase, "state_moved_on", f"version {version} changed")
+            frozen = protocol.freeze(state, now=time.time(), world_size=world_size)
+            try:
+                entry = self._kv.compare_and_swap(
+                    self.paths.active_version, frozen.encode(), entry, ttl=self.config.ttls.frozen
+                )
+            except CompareFailed as lost:
+                self._observer.retry(phase, "compare_failed", attempt + 1)
+                entry, state = self._state_after(lost, phase)
+                continue
+            self._see(frozen, made=True)
+            return entry, frozen
+        raise _StartOver(phase, "cas_exhausted", "too many lost compare-and-swaps")
+
+    def _await_freeze(
+        self, version: int, snapshot: Snapshot, claimed: protocol.ClaimedRank, deadline: Deadline
+    ) -> Snapshot:
+        """Watch the joinable version until it freezes.
+
+        Under claims the joinable state has no TTL tying it to the last-call holder's life, so
+        every node that joined after the holder backs it up: if the version is still joinable
+        a joinable TTL after the last call should have ended, the holder is gone, and the node
+        tears the version down, which is what the TTL's expiry does in torch's layout.
+        """
+
+        def frozen(state: RendezvousState) -> bool:
+            return state.is_version(Status.FROZEN, version)
+
+        def joinable(state: RendezvousState) -> bool:
+            return state.is_version(Status.JOINABLE, version)
+
+        backs_up = claimed.rank >= self.config.min_nodes
+        if not backs_up:
+            return self._await(
+                snapshot, Phase.FROZEN_WAIT, done=frozen, still=joinable, deadline=deadline
+            )
+        abandoned = Deadline(
+            deadline.bound(self.config.last_call_timeout + self.config.ttls.joinable)
+        )
+        try:
+            return self._await(
+                snapshot, Phase.FROZEN_WAIT, done=frozen, still=joinable, deadline=abandoned
+            )
+        except _StartOver as start_over:
+            if start_over.reason != "deadline" or deadline.expired():
+                raise
+        entry, state = self._read_state(Phase.FROZEN_WAIT)
+        if not joinable(state):
+            return entry, state
+        log.info("last call of version %d outlived its window; tearing it down", version)
+        try:
+            self._kv.compare_and_delete(self.paths.active_version, entry)
+            self._observer.transition(version, Status.JOINABLE.value, "deleted", 0, True)
+        except (CompareFailed, KeyNotFound, OutcomeUnknown):
+            pass  # it moved on meanwhile: the next attempt sees how
+        raise _StartOver(
+            Phase.FROZEN_WAIT, "last_call_abandoned", f"nobody froze version {version}"
+        )
+
+    def _claim_confirmation(self, version: int, rank: int, snapshot: Snapshot) -> Snapshot:
+        """Confirm by claim: the keep-alive key itself, created while the frozen state is
+        unchanged. The claim that completes the set makes the version final."""
+        entry, state = snapshot
+        key = self.paths.keep_alive(version, rank)
+        identity = _node_identity(self.config.local_addr, self.config.ttls.keep_alive)
+        queue = self.paths.keep_alives(version)
+        try:
+            position = self._kv.claim(
+                key, identity, guard=entry, queue=queue, ttl=self.config.ttls.keep_alive
+            ).position
+        except CompareFailed:
+            raise _StartOver(
+                Phase.CONFIRM, "state_moved_on", f"version {version} stopped being frozen"
+            ) from None
+        except AlreadyExists:
+            # Our earlier claim applied though its answer was lost (ranks are never shared).
+            position = self._position_of(key, queue)
+        self._hold_rank(key)
+        if position < state.world_size:
+            return snapshot
+        keep_alives = [self.paths.keep_alive(version, r) for r in range(state.world_size)]
+        final = protocol.complete(state, keep_alives, now=time.time())
+        try:
+            entry = self._kv.compare_and_swap(self.paths.active_version, final.encode(), entry)
+        except CompareFailed:
+            raise _StartOver(
+                Phase.CONFIRM, "state_moved_on", f"version {version} stopped being frozen"
+            ) from None
+        self._see(final, made=True)
+        return entry, final
+
+    def _confirmed(self, version: int, rank: int) -> None:
+        if rank == 0 and self._on_rank_zero is not None:
+            self._on_rank_zero(version)
+
     def _hold_last_call(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Snapshot:
         """Keep the version joinable for last_call_timeout more seconds, then freeze it.
 
@@ -297,6 +528,8 @@ class EtcdRendezvous:
         everybody starts over instead of waiting for a freeze that never comes.
         """
         window = Deadline(self.config.last_call_timeout)
+        if self._kv.supports_claims:
+            return self._hold_last_call_of_claims(version, snapshot, window, deadline)
         ttl = self.config.ttls.joinable
         refreshed = Deadline(ttl / 3)
         entry, state = snapshot
@@ -332,6 +565,28 @@ class EtcdRendezvous:
             wait = deadline.bound(min(window.remaining(), refreshed.remaining()))
             entry, state = self._next_state((entry, state), Phase.LAST_CALL, wait)
         raise _StartOver(Phase.LAST_CALL, "cas_exhausted", "too many lost compare-and-swaps")
+
+    def _hold_last_call_of_claims(
+        self, version: int, snapshot: Snapshot, window: Deadline, deadline: Deadline
+    ) -> Snapshot:
+        """The last call under claims: nothing to keep fresh (the joinable state has no TTL,
+        see `_await_freeze`); at the end, count the claims and freeze with as many."""
+        entry, state = snapshot
+        while not window.expired():
+            if state.is_version(Status.FROZEN, version):
+                return entry, state  # the claim that filled the version froze it
+            if not state.is_version(Status.JOINABLE, version):
+                raise _StartOver(
+                    Phase.LAST_CALL, "state_moved_on", f"version {version} changed during last call"
+                )
+            if deadline.expired():
+                raise _StartOver(Phase.LAST_CALL, "deadline", "deadline passed during last call")
+            entry, state = self._next_state(
+                (entry, state), Phase.LAST_CALL, deadline.bound(window.remaining())
+            )
+        claims = len(self._kv.list(self.paths.join_claims(version)).entries)
+        world_size = min(claims, self.config.max_nodes)
+        return self._freeze(version, (entry, state), Phase.LAST_CALL, world_size)
 
     def _confirm(self, version: int, rank: int, deadline: Deadline) -> Snapshot:
         key = self.paths.keep_alive(version, rank)
@@ -373,7 +628,7 @@ class EtcdRendezvous:
         _, final = snapshot
         version = final.version
         assert version is not None
-        self._enter_version(version)
+        self._enter_version(version, final)
         with self._observer.phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
             entry, state = self._announce_waiting(version, snapshot, deadline)
             scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
@@ -494,9 +749,8 @@ class EtcdRendezvous:
             if not still(state):
                 raise _StartOver(phase, "state_moved_on", f"state became {_describe(state)}")
             if deadline.expired():
-                raise _StartOver(
-                    phase, "deadline", f"deadline passed in {phase.value} at {_describe(state)}"
-                )
+                where = _describe(self._with_participants(state))
+                raise _StartOver(phase, "deadline", f"deadline passed in {phase.value} at {where}")
             entry, state = self._next_state((entry, state), phase, deadline.remaining())
         return entry, state
 
@@ -510,6 +764,19 @@ class EtcdRendezvous:
         if new_entry is None:
             raise _StartOver(phase, "state_gone", "state expired or was deleted")
         return new_entry, self._decode(new_entry)
+
+    def _with_participants(self, state: RendezvousState) -> RendezvousState:
+        """`state` listing who joined, for messages: under claims, one more read."""
+        try:
+            return with_claimed_participants(self._kv, self.paths, state)
+        except (KvError, EtcdUnavailableError):
+            return state
+
+    def _state_after(self, refusal: AlreadyExists | CompareFailed, phase: Phase) -> Snapshot:
+        """The state a refused write found: from the refusal when it tells (v3), else read."""
+        if refusal.current is None:
+            return self._read_state(phase)
+        return refusal.current, self._decode(refusal.current)
 
     def _read_state(self, phase: Phase) -> Snapshot:
         try:
@@ -535,22 +802,9 @@ class EtcdRendezvous:
 
     # --- the context all nodes of a version share --------------------------------------------
 
-    def _publish_version_context(self, version: int) -> None:
-        context = self._observer.open_version(version)
-        if context is not None:
-            self._kv.put(self.paths.version_context(version), context)
-        self._version_context = (version, context)
-
-    def _enter_version(self, version: int) -> None:
-        if not self._observer.shares_version_context:
-            return
-        if self._version_context is None or self._version_context[0] != version:
-            try:
-                context: str | None = self._kv.get(self.paths.version_context(version)).value
-            except KeyNotFound:
-                context = None  # opened by torch's backend, or by a node without tracing
-            self._version_context = (version, context)
-        self._observer.enter_version(version, self._version_context[1])
+    def _enter_version(self, version: int, state: RendezvousState) -> None:
+        if self._observer.shares_version_context:
+            self._observer.enter_version(version, protocol.trace_context(state))
 
     def _describe_last_seen(self) -> str:
         if self._last_seen is None:
@@ -565,8 +819,13 @@ class EtcdRendezvous:
             try:
                 counter = self._kv.get(self.paths.version_counter)
             except KeyNotFound:
-                # The run's directory expired (a run idle for longer than its TTL): rebuild it.
+                # The run's first version, or its directory expired (a run idle for longer
+                # than its TTL): rebuild what is missing.
                 self.prepare()
+                try:
+                    self._kv.create(self.paths.version_counter, "0")
+                except (AlreadyExists, OutcomeUnknown):
+                    pass
                 continue
             try:
                 version = int(counter.value) + 1
@@ -611,6 +870,22 @@ class EtcdRendezvous:
             self._kv.compare_and_delete(keep_alive.key, self._kv.get(keep_alive.key))
         except (KeyNotFound, CompareFailed, OutcomeUnknown, EtcdUnavailableError):
             pass  # it expires within its TTL anyway
+
+
+def with_claimed_participants(
+    kv: KeyValue, paths: RunPaths, state: RendezvousState
+) -> RendezvousState:
+    """`state` with its participants, also for a version joinable under claims (etcd v3),
+    whose document does not list them: there they are its join claims."""
+    if (
+        not kv.supports_claims
+        or state.status is not Status.JOINABLE
+        or state.version is None
+        or state.participants
+    ):
+        return state
+    claims = kv.list(paths.join_claims(state.version)).entries
+    return replace(state, participants=tuple(range(len(claims))))
 
 
 def _node_identity(local_addr: str | None, keep_alive_ttl: float) -> str:

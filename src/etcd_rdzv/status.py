@@ -46,6 +46,7 @@ from etcd_rdzv.errors import (
 )
 from etcd_rdzv.kv.base import KeyNotFound, KeyValue
 from etcd_rdzv.protocol import RendezvousState, Status, missing_keep_alives
+from etcd_rdzv.rendezvous import RunPaths, with_claimed_participants
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -234,7 +235,9 @@ def read_snapshot(kv: KeyValue, run_id: str, prefix: str) -> Snapshot:
     try:
         entry = kv.get(state_key)
         revisions.append(entry.read_revision)
-        state = RendezvousState.decode(entry.value, state_key)
+        state = with_claimed_participants(
+            kv, RunPaths(run_path), RendezvousState.decode(entry.value, state_key)
+        )
     except KeyNotFound as absent:
         _note(revisions, absent.revision)
     version_counter: int | None = None

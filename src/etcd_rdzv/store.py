@@ -36,7 +36,7 @@ class EtcdStore(Store):
         self._kv.put(self._path(key), _encode(value))
 
     def get(self, key: str) -> bytes:
-        return self._wait_for([key], self.timeout)[0]
+        return self.wait_for_values([key], self.timeout)[0]
 
     def add(self, key: str, value: int) -> int:
         path = self._path(key)
@@ -102,7 +102,7 @@ class EtcdStore(Store):
         return wanted <= present
 
     def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
-        self._wait_for(keys, timeout or self.timeout)
+        self.wait_for_values(keys, timeout or self.timeout)
 
     def num_keys(self) -> int:
         try:
@@ -111,14 +111,15 @@ class EtcdStore(Store):
             return 0
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
-        return self._wait_for(keys, self.timeout)
+        return self.wait_for_values(keys, self.timeout)
 
     def multi_set(self, keys: list[str], values: Sequence[bytes | str]) -> None:
         for key, value in zip(keys, values, strict=True):
             self.set(key, value)
 
-    def _wait_for(self, keys: Sequence[str], timeout: datetime.timedelta) -> list[bytes]:
-        """The values of `keys` once all exist; a watch, not a poll, between listings."""
+    def wait_for_values(self, keys: Sequence[str], timeout: datetime.timedelta) -> list[bytes]:
+        """The values of `keys` once all exist (one listing when they do); a watch, not a poll,
+        between listings. Raises LookupError after `timeout`."""
         paths = [self._path(key) for key in keys]
         directory = self.prefix.rstrip("/")
         deadline = Deadline(timeout.total_seconds())

@@ -13,17 +13,19 @@ Which `--die-at` point is which phase, and what ends the survivors' wait:
 - `join` (join; its join applied, it holds a rank of a joinable version): the version
   freezes with its rank; no confirmation comes, and the frozen state's TTL (the keep-alive
   TTL) ends it.
-- `last_call` (last call, as the node holding it): nobody freezes the version; the joinable
-  state's TTL (the keep-alive TTL) ends it.
+- `last_call` (last call, as the node holding it): nobody freezes the version; over v2 the
+  joinable state's TTL (the keep-alive TTL) ends it, over v3 (claims, where that state has no
+  TTL) a node that joined after the holder tears it down one joinable TTL after the window.
 - `frozen` (frozen wait; frozen, not confirmed yet): the frozen state's TTL (the keep-alive
   TTL).
 - `confirm` (confirm; its confirmation applied, its keep-alive key exists): nothing ends it:
   the version completes with the dead member, and the survivors' next rendezvous (torchrun's,
-  after the failed worker) tears it down at once.
+  after the failed worker) tears it down at once. If the dead node was rank 0, it never
+  published its master address (it does so next, while waiting for the final state): the
+  others, waiting for the address, see its keep-alive key gone and rendezvous again on their own.
 - `final` (final wait; its version went final): a node waiting for the next version sees its
   keep-alive key expire (keep-alive TTL) and tears the version down; the members, told by
-  num_nodes_waiting, rendezvous again. If the dead node was rank 0, the others, still waiting
-  for its master address, see its keep-alive key gone and rendezvous again on their own.
+  num_nodes_waiting, rendezvous again.
 
 The setup, joinable and frozen TTLs follow the keep-alive TTL (`ProtocolTtls.from_keep_alive`:
 torch's 5/10/10 s for its 10 s default; 1/2/2 s for the 2 s here). Recovery times (from the
@@ -32,7 +34,7 @@ SIGKILL to the survivors' completed version) are printed, kept as the test's
 
 Where the dead node's rank matters (it dies after confirming), it is not rank 0, which
 publishes the master address the others wait for; rank 0's death has its own test,
-`test_rank_zero_killed_after_the_version_went_final_does_not_hang_the_others`.
+`test_rank_zero_killed_before_publishing_its_address_does_not_hang_the_others`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from tests.support.harness import (
     ParticipantGroup,
     StandbyPool,
     check_membership,
+    joined_ranks,
     wait_ready,
 )
 from tests.support.waiting import wait_until
@@ -126,7 +129,7 @@ class Faults:
         participant.send({"cmd": "rendezvous"})
         wait_until(
             f"{participant.name} joined version 1 as rank 0",
-            lambda: self.state().get("participants") == [0],
+            lambda: joined_ranks(self.kv, self.run_id) == [0],
             timeout=REQUEST_TIMEOUT,
         )
 
@@ -212,7 +215,7 @@ def test_agent_killed_after_its_join(faults: Faults) -> None:
         victim.send({"cmd": "rendezvous"})
         held = victim.expect_held("join", HELD_TIMEOUT)
         assert (held["version"], held["rank"]) == (1, 0)
-        assert faults.state()["participants"] == [0]
+        assert joined_ranks(faults.kv, faults.run_id) == [0]
         send_rendezvous(survivors)
         killed_at = sigkill(victim)
         results = collect(survivors)
@@ -361,16 +364,18 @@ def test_too_few_survivors_fail_with_a_timeout_not_a_hang(faults: Faults) -> Non
     assert failed_after <= timeout + MARGIN
 
 
-def test_rank_zero_killed_after_the_version_went_final_does_not_hang_the_others(
+def test_rank_zero_killed_before_publishing_its_address_does_not_hang_the_others(
     faults: Faults,
 ) -> None:
     with faults.group() as nodes:
-        (victim,) = nodes.spawn(backend=BACKEND, die_at="final")
+        # Rank 0 publishes its address while it waits for the final state, right after its
+        # confirmation: held there, it dies without one, and the others' version goes final.
+        (victim,) = nodes.spawn(backend=BACKEND, die_at="confirm")
         survivors = nodes.spawn(2, backend=BACKEND)
         wait_ready(nodes.members)
         faults.join_first(victim)
         send_rendezvous(survivors)
-        held = victim.expect_held("final", ANSWER_TIMEOUT)
+        held = victim.expect_held("confirm", ANSWER_TIMEOUT)
         assert held["rank"] == 0
         killed_at = sigkill(victim)
         # Their version is final, but it can never start: its rank 0 published no address.
@@ -379,7 +384,7 @@ def test_rank_zero_killed_after_the_version_went_final_does_not_hang_the_others(
     check_membership([held, *results])
     assert_without(results, victim, 2)
     seconds = recovery(results, killed_at)
-    faults.report("final, rank 0", seconds)
+    faults.report("confirm, rank 0", seconds)
     # The keep-alive key expires, then a check of it (every keep-alive TTL), then last call.
     assert seconds <= 2 * KEEP_ALIVE_TTL + LEASE_SLACK + LAST_CALL + MARGIN
 

@@ -23,7 +23,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.handler import create_handler
-from etcd_rdzv.kv import KeyNotFound, KeyValue
+from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import (
     LocalEtcd,
     LocalEtcdCluster,
@@ -33,7 +33,13 @@ from etcd_rdzv.local_etcd import (
 from etcd_rdzv.telemetry import FanOut
 from etcd_rdzv.telemetry.metrics import MetricsObserver, RendezvousMetrics
 from tests.conftest import EtcdFactory, etcd_keys, open_kv
-from tests.support.harness import JsonDict, Participant, ParticipantGroup, check_membership
+from tests.support.harness import (
+    JsonDict,
+    Participant,
+    ParticipantGroup,
+    check_membership,
+    joined_ranks,
+)
 from tests.support.waiting import wait_until
 
 BACKEND = "etcd-rdzv"
@@ -54,15 +60,6 @@ JOIN_TIMEOUT = 30.0
 
 def state_key(run_id: str) -> str:
     return f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
-
-
-def participants_of(kv: KeyValue, run_id: str) -> list[int] | None:
-    try:
-        value = kv.get(state_key(run_id)).value
-    except KeyNotFound:
-        return None
-    found = json.loads(value).get("participants")
-    return found if isinstance(found, list) else None
 
 
 def logged_events(node: Participant) -> list[JsonDict]:
@@ -96,7 +93,7 @@ def two_joined_and_a_third(group: ParticipantGroup, kv: KeyValue) -> list[Partic
         node.send({"cmd": "rendezvous"})
     wait_until(
         "two nodes joined version 1",
-        lambda: participants_of(kv, group.run_id) == [0, 1],
+        lambda: joined_ranks(kv, group.run_id) == [0, 1],
         JOIN_TIMEOUT,
     )
     return nodes

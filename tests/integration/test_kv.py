@@ -50,6 +50,68 @@ def test_compare_and_swap_and_delete_compare_revisions(kv: KeyValue, base: str) 
         kv.compare_and_swap(f"{base}/k", "x", second)
 
 
+@only_etcd_api("v3")
+def test_refusals_over_v3_carry_what_the_key_holds(kv: KeyValue, base: str) -> None:
+    held = kv.create(f"{base}/a", "1")
+    with pytest.raises(AlreadyExists) as exists:
+        kv.create(f"{base}/a", "2")
+    assert exists.value.current is not None
+    assert (exists.value.current.value, exists.value.current.revision) == ("1", held.revision)
+    moved = kv.put(f"{base}/a", "3")
+    with pytest.raises(CompareFailed) as lost:
+        kv.compare_and_swap(f"{base}/a", "4", held)
+    assert lost.value.current is not None
+    assert (lost.value.current.value, lost.value.current.revision) == ("3", moved.revision)
+
+
+@only_etcd_api("v3")
+def test_claims_count_their_queue_and_fail_together_when_the_guard_moves(
+    kv: KeyValue, base: str
+) -> None:
+    guard = kv.put(f"{base}/state", "joinable")
+    queue = f"{base}/joined/"
+    kv.put(f"{base}/joinedx", "outside the queue")
+    positions = [
+        kv.claim(f"{queue}{name}", name, guard=guard, queue=queue).position for name in "abc"
+    ]
+    assert positions == [1, 2, 3]
+    # The guard is unchanged by claims: no claim contends with another.
+    assert kv.get(f"{base}/state").revision == guard.revision
+    with pytest.raises(AlreadyExists):
+        kv.claim(f"{queue}a", "again", guard=guard, queue=queue)
+    frozen = kv.compare_and_swap(f"{base}/state", "frozen", guard)
+    with pytest.raises(CompareFailed) as refused:
+        kv.claim(f"{queue}d", "late", guard=guard, queue=queue)
+    assert refused.value.key == f"{base}/state"
+    assert refused.value.current is not None and refused.value.current.revision == frozen.revision
+    assert kv.list(f"{base}/joined").keys == {f"{queue}{name}" for name in "abc"}
+
+
+@only_etcd_api("v3")
+def test_concurrent_claims_take_every_position_exactly_once(kv: KeyValue, base: str) -> None:
+    guard = kv.put(f"{base}/state", "joinable")
+    queue = f"{base}/joined/"
+    positions: list[int] = []
+
+    def claim(name: str) -> None:
+        positions.append(kv.claim(f"{queue}{name}", name, guard=guard, queue=queue).position)
+
+    threads = [threading.Thread(target=claim, args=(f"n{i}",)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(positions) == list(range(1, 17))
+
+
+@only_etcd_api("v2")
+def test_v2_has_no_claims(kv: KeyValue, base: str) -> None:
+    assert not kv.supports_claims
+    guard = kv.put(f"{base}/state", "joinable")
+    with pytest.raises(NotImplementedError):
+        kv.claim(f"{base}/joined/a", "a", guard=guard, queue=f"{base}/joined/")
+
+
 def test_list_shows_direct_children_only(kv: KeyValue, base: str) -> None:
     kv.put(f"{base}/dir/a", "1")
     kv.put(f"{base}/dir/b", "2", ttl=30)

@@ -12,7 +12,7 @@ import pytest
 from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from tests.conftest import EtcdFactory, etcd_keys, only_etcd_api
-from tests.support.harness import ParticipantGroup, check_membership
+from tests.support.harness import ParticipantGroup, check_membership, joined_ranks
 from tests.support.waiting import wait_until
 
 BACKEND = "etcd-rdzv"
@@ -211,7 +211,7 @@ def test_two_runs_on_one_etcd_do_not_interfere(
         keep_alives = {k for k in keys if k.startswith(f"/torchelastic/p2p/run_{run}/rdzv/v_1/")}
         assert keep_alives == {
             f"/torchelastic/p2p/run_{run}/rdzv/v_1/rank_{rank}" for rank in range(size)
-        } | {k for k in keep_alives if "/kv/" in k}
+        } | {k for k in keep_alives if "/kv/" in k or "/joined/" in k}
 
 
 @only_etcd_api("v2")  # torch's backend speaks nothing else
@@ -308,7 +308,7 @@ def test_a_node_with_a_smaller_max_than_the_run_gets_a_clear_error(
             node.send({"cmd": "rendezvous"})
         wait_until(
             "two nodes joined version 1",
-            lambda: (active_state(kv, run_id) or {}).get("participants") == [0, 1],
+            lambda: joined_ranks(kv, run_id) == [0, 1],
             timeout=30,
         )
         # Launched with --nnodes 1:2 into a run of 3: it can never join without exceeding it.

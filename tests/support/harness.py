@@ -23,8 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from etcd_rdzv.kv import KeyValue
+from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.logfiles import log_tail
+from etcd_rdzv.protocol import RendezvousState
+from etcd_rdzv.rendezvous import RunPaths, with_claimed_participants
 
 # Every participant serves its metrics, as a real agent does, but only on loopback and on a
 # free port; a test that scrapes them sets its own port through `conf`.
@@ -540,6 +542,18 @@ def rendezvous_together(participants: Iterable[Participant], timeout: float) -> 
         participant.send({"cmd": "rendezvous"})
     deadline = time.monotonic() + timeout
     return [p.expect_rendezvous(max(0.0, deadline - time.monotonic())) for p in chosen]
+
+
+def joined_ranks(kv: KeyValue, run_id: str) -> list[int] | None:
+    """The ranks taken in the run's current version, in either layout (under claims, over v3,
+    the joinable document does not list them); None while there is no state."""
+    paths = RunPaths(f"/torchelastic/p2p/run_{run_id}")
+    try:
+        entry = kv.get(paths.active_version)
+    except KeyNotFound:
+        return None
+    state = RendezvousState.decode(entry.value, entry.key)
+    return list(with_claimed_participants(kv, paths, state).participants)
 
 
 def leave_stale_frozen_version(kv: KeyValue, run_id: str, ttl: float = 1.0) -> None:

@@ -80,6 +80,55 @@ def test_confirm_finalizes_on_the_last_keep_alive() -> None:
     assert twice.state.keep_alives == ("/k/rank_0", "/k/rank_1")
 
 
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        # min 2, max 4: (rank, too late, freezes, holds the last call)
+        (1, (0, False, False, False)),
+        (2, (1, False, False, True)),
+        (3, (2, False, False, False)),
+        (4, (3, False, True, False)),
+        (5, (4, True, False, False)),
+    ],
+)
+def test_a_claims_position_decides_its_part(position: int, expected: tuple[object, ...]) -> None:
+    claimed = protocol.claimed_rank(position, min_nodes=2, max_nodes=4)
+    assert (claimed.rank, claimed.too_late, claimed.freezes, claimed.holds_last_call) == expected
+
+
+def test_a_fixed_size_claim_that_fills_the_version_freezes_it_without_a_last_call() -> None:
+    claimed = protocol.claimed_rank(3, min_nodes=3, max_nodes=3)
+    assert (claimed.freezes, claimed.holds_last_call) == (True, False)
+    with pytest.raises(ValueError):
+        protocol.claimed_rank(0, min_nodes=1, max_nodes=1)
+
+
+def test_freezing_claims_lists_the_counted_participants_and_completes_like_torch() -> None:
+    joinable = protocol.open_version(7)
+    frozen = protocol.freeze(joinable, world_size=3)
+    assert (frozen.status, frozen.participants, frozen.keep_alives) == (
+        Status.FROZEN, (0, 1, 2), (),
+    )  # fmt: skip
+    keys = [f"/run/rdzv/v_7/rank_{rank}" for rank in range(3)]
+    final = protocol.complete(frozen, keys)
+    # The same document torch's last confirmation writes.
+    assert json.loads(final.encode()) == {
+        "status": "final", "version": "7", "participants": [0, 1, 2], "keep_alives": keys,
+        "num_workers_waiting": 0,
+    }  # fmt: skip
+
+
+def test_the_version_trace_travels_in_the_state_through_every_rewrite() -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    joinable = protocol.open_version(3, trace_context=traceparent)
+    frozen = protocol.freeze(joinable, world_size=1)
+    final = protocol.complete(frozen, ["/run/rdzv/v_3/rank_0"])
+    decoded = RendezvousState.decode(final.encode(), "/run/rdzv/active_version")
+    assert protocol.trace_context(decoded) == traceparent
+    # A version opened without tracing (or by torch) has none.
+    assert protocol.trace_context(protocol.open_version(4)) is None
+
+
 def test_missing_keep_alives_are_found() -> None:
     state = RendezvousState(Status.FINAL, 2, (0, 1), ("/a", "/b"), 0)
     assert protocol.missing_keep_alives(state, {"/a"}) == ["/b"]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
+    Claim,
     CompareFailed,
     Entry,
     KeyNotFound,
@@ -40,6 +41,7 @@ def connect(config: RendezvousConfig, observer: Observer) -> KeyValue:
 __all__ = [
     "AlreadyExists",
     "Change",
+    "Claim",
     "CompareFailed",
     "Entry",
     "KeyNotFound",

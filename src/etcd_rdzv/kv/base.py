@@ -19,17 +19,21 @@ class KeyNotFound(KvError):
 
 
 class AlreadyExists(KvError):
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, current: Entry | None = None) -> None:
         super().__init__(f"key already exists: {key}")
         self.key = key
+        # What the key holds, when the refusal told it (v3 does): no read needed.
+        self.current = current
 
 
 class CompareFailed(KvError):
     """A conditional write found the key changed (or gone) since it was read."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, current: Entry | None = None) -> None:
         super().__init__(f"key changed since it was read: {key}")
         self.key = key
+        # What the key holds now, when the refusal told it (v3 does); None also when gone.
+        self.current = current
 
 
 class OutcomeUnknown(KvError):
@@ -73,6 +77,15 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A key created by `KeyValue.claim`, and its place among the keys of its queue."""
+
+    entry: Entry
+    # How many keys the queue held right after this one was created, this one included.
+    position: int
+
+
+@dataclass(frozen=True)
 class Listing:
     """The keys directly below a prefix, as of one store revision."""
 
@@ -86,6 +99,9 @@ class Listing:
 
 class KeyValue(abc.ABC):
     """What the rendezvous needs from etcd. Keys are absolute paths like `/a/b`."""
+
+    # Whether `claim` works: it needs multi-key transactions, which only etcd v3 has.
+    supports_claims = False
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -143,6 +159,19 @@ class KeyValue(abc.ABC):
         None when `timeout` passed first, or when etcd no longer holds that history: either
         way the caller re-reads.
         """
+
+    def claim(
+        self, key: str, value: str, *, guard: Entry, queue: str, ttl: float | None = None
+    ) -> Claim:
+        """Create `key` only while `guard.key` is still at `guard.revision`, and in the same step
+        count the keys that start with `queue`: the claim's position among them.
+
+        Claims of different keys never contend with each other, unlike compare-and-swaps of
+        one shared key; the guard makes them all fail at once when the shared key moves on.
+        Raises CompareFailed (for the guard's key, with its current entry), AlreadyExists,
+        OutcomeUnknown.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no multi-key transactions")
 
     def time_left(self, entry: Entry) -> float | None:
         """Seconds `entry`'s key has left to live; None when it has no TTL.

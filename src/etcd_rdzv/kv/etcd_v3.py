@@ -25,6 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
@@ -35,6 +36,7 @@ from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
+    Claim,
     CompareFailed,
     Entry,
     KeyNotFound,
@@ -112,7 +114,28 @@ class _StreamEnded(Exception):
     """The server closed a watch stream without an event (it is shutting down)."""
 
 
+@dataclass(frozen=True)
+class _Guard:
+    """The compares of a conditional write, and what a refused one means.
+
+    A refused transaction runs the `otherwise` reads, so that `refusal` can build its error
+    from them (the key's current entry) and the caller needs no read of its own.
+    """
+
+    compares: list[Json]
+    refusal: Callable[[Json], KvError]
+    otherwise: list[Json]
+    # More operations in the same transaction, after the put, when it applies.
+    then: list[Json] = field(default_factory=list)
+
+    def check(self, reply: Json) -> None:
+        if not reply.get("succeeded"):
+            raise self.refusal(reply)
+
+
 class EtcdV3(KeyValue):
+    supports_claims = True
+
     def __init__(self, config: RendezvousConfig, observer: Observer) -> None:
         """Connect as `config` says: its endpoints, TLS files, credentials and timeout."""
         endpoints = config.endpoints
@@ -154,19 +177,43 @@ class EtcdV3(KeyValue):
         return _entry(reply["kvs"][0], _revision(reply))
 
     def create(self, key: str, value: str, ttl: float | None = None) -> Entry:
-        revision = self._write("create", key, value, ttl, (_absent(key), AlreadyExists(key)))
+        guard = _Guard(
+            [_absent(key)], lambda reply: AlreadyExists(key, _ranged(reply, 0)), [_read(key)]
+        )
+        revision = _revision(self._write("create", key, value, ttl, guard))
         return Entry(key, value, revision, revision, ttl)
 
     def put(self, key: str, value: str, ttl: float | None = None) -> Entry:
-        revision = self._write("put", key, value, ttl, condition=None)
+        revision = _revision(self._write("put", key, value, ttl))
         return Entry(key, value, revision, revision, ttl)
 
     def compare_and_swap(
         self, key: str, value: str, expected: Entry, ttl: float | None = None
     ) -> Entry:
-        condition = (_unchanged(expected), CompareFailed(key))
-        revision = self._write("compare_and_swap", key, value, ttl, condition)
+        guard = _Guard(
+            [_unchanged(expected)],
+            lambda reply: CompareFailed(key, _ranged(reply, 0)),
+            [_read(key)],
+        )
+        revision = _revision(self._write("compare_and_swap", key, value, ttl, guard))
         return Entry(key, value, revision, revision, ttl)
+
+    def claim(
+        self, key: str, value: str, *, guard: Entry, queue: str, ttl: float | None = None
+    ) -> Claim:
+        def refusal(reply: Json) -> KvError:
+            current = _ranged(reply, 0)
+            if current is not None and current.revision == guard.revision:
+                return AlreadyExists(key)
+            return CompareFailed(guard.key, current)
+
+        claimed = _Guard(
+            [_unchanged(guard), _absent(key)], refusal, [_read(guard.key)], then=[_count(queue)]
+        )
+        reply = self._write("claim", key, value, ttl, claimed)
+        revision = _revision(reply)
+        position = int(reply["responses"][1]["response_range"].get("count", 0))
+        return Claim(Entry(key, value, revision, revision, ttl), position)
 
     def compare_and_delete(self, key: str, expected: Entry) -> None:
         txn = {
@@ -271,30 +318,25 @@ class EtcdV3(KeyValue):
     # --- leases ------------------------------------------------------------------------------
 
     def _write(
-        self,
-        operation: str,
-        key: str,
-        value: str,
-        ttl: float | None,
-        condition: tuple[Json, KvError] | None,
-    ) -> int:
-        """Put `value`, only if the `condition`'s compare holds (else raise its error).
-
-        Returns the new revision.
-        """
+        self, operation: str, key: str, value: str, ttl: float | None, guard: _Guard | None = None
+    ) -> Json:
+        """Put `value`; with a `guard`, in a transaction that puts only if its compares hold and
+        raises its refusal otherwise. Returns etcd's reply."""
         for attempt in range(2):
             lease, granted = self._lease_for(key, ttl)
             put = {"key": _encode(key), "value": _encode(value), "lease": str(lease)}
             try:
-                if condition is None:
+                if guard is None:
                     reply = self._call(operation, key, "/kv/put", put, idempotent=True)
                 else:
-                    compare, refusal = condition
-                    txn = {"compare": [compare], "success": [{"request_put": put}]}
+                    txn = {
+                        "compare": guard.compares,
+                        "success": [{"request_put": put}, *guard.then],
+                        "failure": guard.otherwise,
+                    }
                     reply = self._call(
-                        operation, key, "/kv/txn", txn, idempotent=False,
-                        check=_succeeded(refusal),
-                    )  # fmt: skip
+                        operation, key, "/kv/txn", txn, idempotent=False, check=guard.check
+                    )
             except (AlreadyExists, CompareFailed):
                 if granted and ttl is not None:
                     self._keep_spare(lease, ttl)
@@ -312,7 +354,7 @@ class EtcdV3(KeyValue):
                     self._key_leases[key] = lease
                 else:
                     self._key_leases.pop(key, None)
-            return _revision(reply)
+            return reply
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _lease_for(self, key: str, ttl: float | None) -> tuple[int, bool]:
@@ -630,6 +672,21 @@ def _absent(key: str) -> Json:
     return {"key": _encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
 
 
+def _read(key: str) -> Json:
+    return {"request_range": {"key": _encode(key)}}
+
+
+def _count(prefix: str) -> Json:
+    span = {"key": _encode(prefix), "range_end": _encode(_prefix_end(prefix))}
+    return {"request_range": {**span, "count_only": True}}
+
+
+def _ranged(reply: Json, index: int) -> Entry | None:
+    """The key that the `index`-th operation of a transaction read; None when absent."""
+    kvs = reply["responses"][index]["response_range"].get("kvs")
+    return _entry(kvs[0], _revision(reply)) if kvs else None
+
+
 def _unchanged(expected: Entry) -> Json:
     return {
         "key": _encode(expected.key),
@@ -683,5 +740,5 @@ def _decode(data: str, key: str | None = None) -> str:
 
 
 def _prefix_end(prefix: str) -> str:
-    """The smallest key after every key that starts with `prefix` (a '/'-terminated path)."""
+    """The smallest key after every key that starts with `prefix`."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
