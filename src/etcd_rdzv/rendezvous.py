@@ -815,18 +815,22 @@ class EtcdRendezvous:
     # --- keys and TTLs -----------------------------------------------------------------------
 
     def _increment_version_counter(self) -> int:
+        key = self.paths.version_counter
+        counter: Entry | None = None
         for _ in range(CAS_BACKOFF.max_attempts):
-            try:
-                counter = self._kv.get(self.paths.version_counter)
-            except KeyNotFound:
-                # The run's first version, or its directory expired (a run idle for longer
-                # than its TTL): rebuild what is missing.
-                self.prepare()
+            if counter is None:
                 try:
-                    self._kv.create(self.paths.version_counter, "0")
-                except (AlreadyExists, OutcomeUnknown):
-                    pass
-                continue
+                    counter = self._kv.get(key)
+                except KeyNotFound:
+                    # The run's first version, or its directory expired (a run idle for longer
+                    # than its TTL): rebuild the directories, and the first version is 1.
+                    self.prepare()
+                    try:
+                        self._kv.create(key, "1")
+                        return 1
+                    except AlreadyExists as taken:
+                        counter = taken.current
+                        continue
             try:
                 version = int(counter.value) + 1
             except ValueError:
@@ -834,10 +838,10 @@ class EtcdRendezvous:
             if version < 1:
                 raise CorruptStateError(counter.key, "negative", counter.value)
             try:
-                self._kv.compare_and_swap(counter.key, str(version), counter)
+                self._kv.compare_and_swap(key, str(version), counter)
                 return version
-            except CompareFailed:
-                continue
+            except CompareFailed as lost:
+                counter = lost.current
         raise _StartOver(Phase.SETUP, "cas_exhausted", "version counter kept changing")
 
     def _ttl(self, lifetime: Lifetime) -> float | None:

@@ -273,16 +273,23 @@ class EtcdV3(KeyValue):
         """As the interface says; for a single key, the change may be a later one than the first.
 
         etcd delivers the events of a watch that starts in the past (the store moved on since
-        the caller's read) only on its next sync of lagging watchers, every 100 ms. When the
-        stream's first answer shows the store has moved, one read of the key tells at once
-        whether it changed; the caller gets its latest value, which is what it wants anyway.
+        the caller's read) only on its syncs of lagging watchers, every 100 ms, and keeps such
+        a watcher lagging until one. So a single-key watch starts at the present, and when the
+        stream's first answer shows the store has moved past `after_revision`, one read of the
+        key covers the gap: the caller gets the key's latest value, which is what it wants
+        anyway, and any later change comes at once. A recursive watch starts right after
+        `after_revision`, lagging or not: no read would show it a deletion in the gap.
         """
         if timeout <= 0:
             return None
-        create: Json = {"key": _encode(key), "start_revision": str(after_revision + 1)}
+        create: Json = {"key": _encode(key)}
         if recursive:
             start = key.rstrip("/") + "/"
-            create.update(key=_encode(start), range_end=_encode(_prefix_end(start)))
+            create.update(
+                key=_encode(start),
+                range_end=_encode(_prefix_end(start)),
+                start_revision=str(after_revision + 1),
+            )
 
         def changed_since() -> Change | None:
             try:
@@ -497,9 +504,11 @@ class EtcdV3(KeyValue):
                 result = message.get("result", {})
                 if result.get("canceled") or "compact_revision" in result:
                     raise _HistoryGone()
-                events = result.get("events")
-                if events:
-                    return _change(events[0])
+                # A lagging member may start a watch at the present before `after_revision`.
+                changes = [_change(event) for event in result.get("events", ())]
+                changes = [change for change in changes if change.revision > after_revision]
+                if changes:
+                    return changes[0]
                 if result.get("created") and shortcut and _revision(result) > after_revision:
                     change = shortcut()
                     if change is not None:
