@@ -10,7 +10,7 @@ DEBIAN_PACKAGES := etcd-server etcd-client prometheus docker-compose openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test soak lint typecheck unit setup debian-packages clean
+.PHONY: demo test soak bench lint typecheck unit setup debian-packages clean
 
 demo: setup
 	$(BIN)/python -m etcd_rdzv.demo
@@ -21,6 +21,13 @@ test: setup lint typecheck
 # 200 rendezvous rounds per etcd API with random kills and restarts; a few minutes.
 soak: setup
 	$(BIN)/pytest tests/soak -m soak -s $(PYTEST_ARGS)
+
+# Rendezvous latency, etcd requests and CPU against torch's backends, N = 2 to 256 (about half
+# an hour): prints the tables, writes runs/bench/results.json, docs/benchmarks.png and the
+# generated section of docs/benchmarks.md. BENCH_ARGS="--nodes 2 8 --rounds 1" for a quick look.
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/python benchmarks/rendezvous_latency.py $(BENCH_ARGS)
 
 unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -1,116 +1,208 @@
-"""Rendezvous latency and etcd requests: etcd-rdzv over v3 and v2 against torch's `etcd` backend.
+"""Rendezvous latency, etcd requests, CPU and recovery: etcd-rdzv against torch's backends.
 
-Each round starts N participant processes (separate clients, torch already imported), releases
-them together and measures the wall time from "go" to the last `next_rendezvous()` return, on
-one local etcd that serves both APIs. etcd's own /metrics give the requests a round cost,
-counted from before the participants start (their set-up requests included) to the last
-return. Setups alternate round by round, so drift in the machine hits all of them alike.
-Prints one table of medians per N.
+One local etcd (3.4, v2 enabled) serves every setup: torch's `etcd`, `etcd-v2` and `c10d`
+backends, and etcd-rdzv over v3 and v2 with telemetry off and on. For each N, rounds of N
+nodes released together; setups alternate round by round (in a rotating order), so drift in
+the machine hits them all alike. Then recovery: a node SIGKILLed after a rendezvous, and the
+time until the survivors completed the next one. Prints a table per N; writes JSON, a plot
+and the generated section of docs/benchmarks.md. rounds.py says what is measured and how.
 
-    .venv/bin/python benchmarks/rendezvous_latency.py --nodes 8 32 --rounds 5
+    .venv/bin/python benchmarks/rendezvous_latency.py --nodes 2 8 --rounds 1
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime
+import os
+import shlex
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from prometheus_client.parser import text_string_to_metric_families
-from tests.support.harness import ParticipantGroup, check_membership
+from benchmarks import report  # noqa: E402
+from benchmarks.pool import WorkerPool  # noqa: E402
+from benchmarks.rounds import (  # noqa: E402
+    Plan,
+    RecoveryResult,
+    RoundResult,
+    Setup,
+    all_setups,
+    run_recovery,
+    run_round,
+)
+from benchmarks.summary import judge, summarize, telemetry_costs  # noqa: E402
+from etcd_rdzv.local_etcd import start_local_etcd  # noqa: E402
 
-from etcd_rdzv.local_etcd import LocalEtcd, start_local_etcd
-
-TELEMETRY_OFF = {"metrics_port": "off", "log_level": "WARNING", "progress_interval": "off"}
-# Requests etcd served: v2 HTTP requests, and v3 gRPC calls (the JSON gateway makes one each).
-REQUEST_COUNTERS = ("etcd_http_received_total", "grpc_server_started_total")
-
-
-@dataclass(frozen=True)
-class Round:
-    seconds: float
-    requests: int
-
-
-def etcd_requests(etcd: LocalEtcd) -> int:
-    served = 0.0
-    for family in text_string_to_metric_families(etcd.metrics_text()):
-        for sample in family.samples:
-            if sample.name in REQUEST_COUNTERS:
-                served += sample.value
-    return int(served)
+DEFAULT_NODES = (2, 8, 32, 64, 128, 256)
 
 
-def one_round(
-    etcd: LocalEtcd, workdir: Path, backend: str, nodes: int, conf: Mapping[str, str]
-) -> Round:
-    run_id = f"bench-{uuid.uuid4().hex[:8]}"
-    with ParticipantGroup(
-        workdir / run_id, endpoint=etcd.endpoint, run_id=run_id, min_nodes=nodes,
-        max_nodes=nodes, conf=conf,
-    ) as group:  # fmt: skip
-        before = etcd_requests(etcd)
-        group.start(nodes, backend=backend)
-        started = time.monotonic()
-        results = group.rendezvous_all(timeout=300)
-        elapsed = time.monotonic() - started
-        requests = etcd_requests(etcd) - before
-    check_membership(results)
-    return Round(elapsed, requests)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    setups = [setup.key for setup in all_setups()]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[8])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        trace_file = str(workdir / "traces.jsonl")
-        setups: dict[str, tuple[str, Mapping[str, str]]] = {
-            "torch etcd": ("etcd", {}),
-            "etcd-rdzv v3, telemetry off": ("etcd-rdzv", {**TELEMETRY_OFF, "etcd_api": "v3"}),
-            "etcd-rdzv v2, telemetry off": ("etcd-rdzv", {**TELEMETRY_OFF, "etcd_api": "v2"}),
-            "etcd-rdzv v3, telemetry on": (
-                "etcd-rdzv", {"trace_file": trace_file, "etcd_api": "v3"},
-            ),
-        }  # fmt: skip
-        with start_local_etcd(data_dir=workdir / "etcd") as etcd:
-            for nodes in args.nodes:
-                rounds: dict[str, list[Round]] = {name: [] for name in setups}
-                for _ in range(args.rounds):
-                    for name, (backend, conf) in setups.items():
-                        rounds[name].append(one_round(etcd, workdir, backend, nodes, conf))
-                print_table(nodes, args.rounds, rounds)
+    add = parser.add_argument
+    add("--nodes", type=int, nargs="+", default=list(DEFAULT_NODES), help="the N to measure")
+    add("--rounds", type=int, default=3, help="rounds per setup and N")
+    add("--setups", nargs="+", choices=setups, default=setups, help="all by default")
+    add("--recovery-nodes", type=int, default=8, help="N for the recovery rounds; 0: none")
+    add("--recovery-setups", nargs="+", choices=setups, default=None, help="default: --setups")
+    add("--recovery-rounds", type=int, default=1)
+    add("--recovery-timeout", type=float, default=120.0, help="seconds, from the kill")
+    add("--last-call-timeout", type=int, default=1, help="seconds, the same for every backend")
+    add("--round-timeout", type=float, default=180.0, help="seconds from go to the last return")
+    add("--ready-timeout", type=float, default=300.0, help="seconds to create the handlers")
+    add("--finish-timeout", type=float, default=60.0, help="seconds to shut handlers down")
+    add(
+        "--slow-cap-seconds", type=float, default=45.0,
+        help="a setup with a round slower than this runs no more rounds at that N or above",
+    )  # fmt: skip
+    add("--max-workers", type=int, default=128, help="worker processes at most")
+    add(
+        "--threads-per-worker", type=int, default=None,
+        help="nodes (threads) per worker process; default: 1, more only when N > max workers",
+    )  # fmt: skip
+    add("--work-dir", type=Path, default=None, help="logs and traces (default: under runs/)")
+    add("--json", type=Path, default=ROOT / "runs/bench/results.json")
+    add("--plot", type=Path, default=ROOT / "docs/benchmarks.png")
+    add("--docs", type=Path, default=ROOT / "docs/benchmarks.md")
+    add("--no-docs", action="store_true", help="do not update the docs' generated section")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Each setup says all of its settings: none may come from this shell's environment.
+    for name in [name for name in os.environ if name.startswith("ETCD_RDZV_")]:
+        print(f"ignoring {name} from the environment")
+        del os.environ[name]
+    command = shlex.join([_shown_path(Path(sys.executable)), _shown_path(Path(__file__)),
+                          *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
+    started = now()
+    work_dir = args.work_dir or ROOT / "runs/bench" / started.strftime("work-%Y%m%d-%H%M%S")
+    setups = [setup for setup in all_setups() if setup.key in args.setups]
+    nodes = sorted(set(args.nodes))
+    workers_needed = max([args.recovery_nodes] + [workers_for(n, args)[0] for n in nodes])
+
+    with start_local_etcd() as etcd, WorkerPool(work_dir / "workers", args.ready_timeout) as pool:
+        pool_started = time.monotonic()
+        pool.take(workers_needed)
+        pool_start_seconds = time.monotonic() - pool_started
+        print(f"{workers_needed} workers ready in {pool_start_seconds:.1f} s (logs: {work_dir})")
+        plan = Plan(
+            etcd, pool, work_dir / "traces", args.last_call_timeout, args.ready_timeout,
+            args.round_timeout, args.recovery_timeout, args.finish_timeout,
+        )  # fmt: skip
+        pool_info = {
+            "workers": workers_needed,
+            "start_seconds": pool_start_seconds,
+            "idle_memory_bytes": pool.memory(),
+        }
+        rounds, skipped = measure_rounds(plan, setups, nodes, args)
+        recovery_keys = args.recovery_setups or args.setups
+        recovered = [setup for setup in all_setups() if setup.key in recovery_keys]
+        recoveries = measure_recovery(plan, recovered, args)
+        leftover = pool.close()
+    pool_info |= {
+        "worker_pids": pool.started_pids,
+        "server_pids": sorted(pool.server_pids),
+        "workers_left_running": leftover,
+    }
+    summaries = summarize(rounds, [s.name for s in setups], args.rounds, skipped)
+    costs = telemetry_costs(summaries)
+    results = report.Results(
+        command=command,
+        date=started.isoformat(timespec="seconds"),
+        minutes=(now() - started).total_seconds() / 60,
+        machine=report.machine(),
+        settings={key: _as_json(value) for key, value in vars(args).items()},
+        pool=pool_info,
+        rounds=rounds,
+        recoveries=recoveries,
+        summaries=summaries,
+        telemetry_costs=costs,
+        targets=judge(summaries, costs),
+    )
+    print(report.text(results))
+    report.write_json(results, args.json)
+    report.plot(results, args.plot)
+    if not args.no_docs:
+        report.update_docs(results, args.docs, args.plot)
+    print(f"wrote {args.json} and {args.plot}" + ("" if args.no_docs else f", {args.docs}"))
     return 0
 
 
-def print_table(nodes: int, count: int, rounds: Mapping[str, list[Round]]) -> None:
-    reference = statistics.median(r.seconds for r in rounds["torch etcd"])
-    print(f"\nN = {nodes} participants, {count} rounds, wall time go -> last return")
-    print(
-        f"{'setup':30} {'median':>8} {'min':>8} {'max':>8} {'vs torch':>9} "
-        f"{'requests':>9} {'per node':>9}"
-    )
-    for name, measured in rounds.items():
-        seconds = [r.seconds for r in measured]
-        median = statistics.median(seconds)
-        requests = statistics.median(r.requests for r in measured)
-        print(
-            f"{name:30} {median:7.3f}s {min(seconds):7.3f}s {max(seconds):7.3f}s "
-            f"{reference / median:8.1f}x {requests:9.0f} {requests / nodes:9.1f}"
-        )
-    off = statistics.median(r.seconds for r in rounds["etcd-rdzv v3, telemetry off"])
-    on = statistics.median(r.seconds for r in rounds["etcd-rdzv v3, telemetry on"])
-    print(f"telemetry cost over v3 (on vs off, medians): {100 * (on / off - 1):+.1f}%")
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def workers_for(nodes: int, args: argparse.Namespace) -> tuple[int, int]:
+    """(workers, nodes per worker) for N: one node per process unless N > --max-workers."""
+    per_worker = args.threads_per_worker or -(-nodes // args.max_workers)
+    return -(-nodes // per_worker), per_worker
+
+
+def measure_rounds(
+    plan: Plan, setups: list[Setup], all_nodes: list[int], args: argparse.Namespace
+) -> tuple[list[RoundResult], dict[str, str]]:
+    """Every round; and the setups skipped by the slow cap, with the reason, by setup name."""
+    rounds: list[RoundResult] = []
+    skipped: dict[str, str] = {}
+    for nodes in all_nodes:
+        _, per_worker = workers_for(nodes, args)
+        for round_index in range(args.rounds):
+            # A rotating order, so that no setup always follows the same one.
+            shift = round_index % len(setups)
+            for setup in setups[shift:] + setups[:shift]:
+                if setup.name in skipped:
+                    continue
+                result = run_round(plan, setup, nodes, round_index, per_worker)
+                rounds.append(result)
+                print(report.progress_line(result), flush=True)
+                slow = result.status == "timeout" or (
+                    result.wall_seconds is not None and result.wall_seconds > args.slow_cap_seconds
+                )
+                if slow:
+                    took = "timed out" if result.wall_seconds is None else (
+                        f"took {result.wall_seconds:.1f} s")  # fmt: skip
+                    skipped[setup.name] = (
+                        f"a round at N = {nodes} {took} (over the {args.slow_cap_seconds:g} s "
+                        "cap): no further rounds at this N or above"
+                    )
+        summaries = summarize(rounds, [s.name for s in setups], args.rounds, skipped)
+        print(report.table(summaries, rounds, nodes), flush=True)
+    return rounds, skipped
+
+
+def measure_recovery(
+    plan: Plan, setups: list[Setup], args: argparse.Namespace
+) -> list[RecoveryResult]:
+    if args.recovery_nodes < 2:
+        return []
+    recoveries = []
+    for round_index in range(args.recovery_rounds):
+        for setup in setups:
+            result = run_recovery(plan, setup, args.recovery_nodes, round_index)
+            recoveries.append(result)
+            print(report.recovery_line(result), flush=True)
+    return recoveries
+
+
+def _as_json(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [_as_json(item) for item in value]
+    return str(value)
+
+
+def _shown_path(path: Path) -> str:
+    """A path relative to the repository when it is inside, as one would type it."""
+    resolved = path.absolute()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The rendezvous benchmark (`make bench`): see rendezvous_latency.py."""

@@ -1,0 +1,331 @@
+"""The setups compared, and one measured round of each: a rendezvous, or a recovery.
+
+A round takes workers from the pool, has them create their handlers (not timed), releases
+them all at once (one write that wakes every worker: see `WorkerPool.go`) and measures until
+the last `next_rendezvous()` returns. Time zero is the moment just before that write. A
+node's latency is its return minus time zero, on the machine's one monotonic clock. On two
+cores many workers take a while to all run again: each round records when the last woke.
+
+Requests are etcd's own counts from its /metrics: handler creation (prepare to ready) and the
+rendezvous (go to the last return), separately. CPU per node is the process CPU time of each
+worker from its go to its last node's return (all its threads: the calling one, keep-alives,
+watches, metrics servers), summed over the workers and divided by the nodes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
+from tests.support.harness import check_membership
+
+from benchmarks.pool import (
+    Worker,
+    WorkerError,
+    WorkerPool,
+    WorkerTimeout,
+    collect,
+    exchange,
+    system_memory_used,
+)
+from benchmarks.worker import Done, Finish, Finished, NodeResult, NodeSpec, Prepare, Ready
+from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+
+TELEMETRY_OFF = {"metrics_port": "off", "log_level": "WARNING", "progress_interval": "off"}
+# Telemetry on is the defaults plus a trace file per node and metrics on a free loopback port
+# (the default, port 9401 on all interfaces, would collide between nodes on one machine).
+TELEMETRY_ON = {"metrics_port": "0", "metrics_addr": "127.0.0.1"}
+# Requests etcd served: v2 HTTP requests, and v3 gRPC calls (the JSON gateway makes one each).
+REQUEST_COUNTERS = ("etcd_http_received_total", "grpc_server_started_total")
+REFERENCE = "torch etcd"
+
+Status = Literal["ok", "timeout", "failed"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    key: str  # for --setups
+    name: str
+    backend: str
+    conf: Mapping[str, str] = field(default_factory=dict)
+    uses_etcd: bool = True  # c10d keeps its state in a TCPStore of its own
+    traced: bool = False  # telemetry on: each node writes its own trace file
+
+    def node_confs(self, nodes: int, run_id: str, trace_dir: Path) -> list[dict[str, str]]:
+        confs = []
+        for index in range(nodes):
+            conf = dict(self.conf)
+            if self.backend == "c10d":
+                # Exactly one node hosts the TCPStore: node 0 (never the one a recovery kills).
+                conf["is_host"] = "true" if index == 0 else "false"
+            if self.traced:
+                conf["trace_file"] = str(trace_dir / f"{run_id}-node{index}.jsonl")
+            confs.append(conf)
+        return confs
+
+
+def all_setups() -> list[Setup]:
+    """torch's three backends and etcd-rdzv over both APIs, telemetry off and on."""
+    ours = [
+        Setup(
+            f"{api}-{state}",
+            f"etcd-rdzv {api}, telemetry {state}",
+            "etcd-rdzv",
+            {"etcd_api": api, **(TELEMETRY_ON if state == "on" else TELEMETRY_OFF)},
+            traced=state == "on",
+        )
+        for api in ("v3", "v2")
+        for state in ("off", "on")
+    ]
+    return [
+        Setup("torch-etcd", REFERENCE, "etcd"),
+        Setup("torch-etcd-v2", "torch etcd-v2", "etcd-v2"),
+        Setup("torch-c10d", "torch c10d", "c10d", uses_etcd=False),
+        *ours,
+    ]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every round shares."""
+
+    etcd: LocalEtcd
+    pool: WorkerPool
+    trace_dir: Path
+    # torch's `etcd` backend reads it as an integer number of seconds.
+    last_call_timeout: int
+    ready_timeout: float
+    round_timeout: float
+    recovery_timeout: float
+    finish_timeout: float
+
+
+@dataclass
+class Outcome:
+    """What every measured round records."""
+
+    setup: str
+    nodes: int
+    round: int
+    status: Status = "ok"
+    error: str | None = None
+    # The first node's return, from time zero.
+    first_seconds: float | None = None
+    membership_checked: bool = False
+
+
+@dataclass
+class RoundResult(Outcome):
+    workers: int = 0
+    nodes_per_worker: int = 1
+    create_seconds: float | None = None
+    # The release to the last return: the round's time.
+    wall_seconds: float | None = None
+    # The release to the moment the last worker was running again: how together "together"
+    # was on this machine.
+    last_woken_seconds: float | None = None
+    node_seconds: list[float] = field(default_factory=list)
+    thread_cpu_seconds: list[float] = field(default_factory=list)
+    cpu_seconds_per_node: float | None = None
+    requests_create: int | None = None
+    requests_rendezvous: int | None = None
+    threads_left: list[str] = field(default_factory=list)
+    # The whole round: workers taken, handlers created, rendezvous, shut down.
+    round_seconds: float | None = None
+    # Memory once every handler had rendezvoused: the pool's PSS and the machine's use.
+    pool_memory_bytes: int | None = None
+    system_memory_bytes: int | None = None
+
+    @property
+    def requests(self) -> int | None:
+        if self.requests_create is None or self.requests_rendezvous is None:
+            return None
+        return self.requests_create + self.requests_rendezvous
+
+
+@dataclass
+class RecoveryResult(Outcome):
+    # SIGKILL of one node's process to the last survivor's return of the next rendezvous.
+    recovery_seconds: float | None = None
+
+
+def etcd_requests(etcd: LocalEtcd) -> int:
+    served = 0.0
+    for family in text_string_to_metric_families(etcd.metrics_text()):
+        for sample in family.samples:
+            if sample.name in REQUEST_COUNTERS:
+                served += sample.value
+    return int(served)
+
+
+def run_round(
+    plan: Plan, setup: Setup, nodes: int, round_index: int, per_worker: int
+) -> RoundResult:
+    """One rendezvous of `nodes` nodes, `per_worker` of them (threads) in each worker."""
+    started = time.monotonic()
+    count = -(-nodes // per_worker)
+    result = RoundResult(setup.name, nodes, round_index, workers=count)
+    result.nodes_per_worker = per_worker
+
+    def requests() -> int:
+        return etcd_requests(plan.etcd) if setup.uses_etcd else 0
+
+    workers: list[Worker] = []
+    try:
+        workers = plan.pool.take(count)
+        prepared = _prepare(plan, setup, workers, nodes, min_nodes=nodes)
+        before = requests()
+        creating = time.monotonic()
+        _create(plan, workers, prepared)
+        result.create_seconds = time.monotonic() - creating
+        created = requests()
+        go = plan.pool.go(workers, plan.ready_timeout)
+        done = collect(workers, Done, go + plan.round_timeout)
+        finished = requests()
+    except WorkerError as exc:
+        return _abandon(plan.pool, workers, result, exc)
+    if setup.uses_etcd:
+        result.requests_create = created - before
+        result.requests_rendezvous = finished - created
+    results = [node for answer in done.values() for node in answer.nodes]
+    returns = sorted(node.returned_at - go for node in results)
+    woken = [node.released_at - go for node in results]
+    result.wall_seconds, result.first_seconds = returns[-1], returns[0]
+    result.node_seconds = returns
+    result.last_woken_seconds = max(woken)
+    result.thread_cpu_seconds = sorted(node.thread_cpu_seconds for node in results)
+    result.cpu_seconds_per_node = sum(a.process_cpu_seconds for a in done.values()) / nodes
+    _check(result, results)
+    result.pool_memory_bytes = plan.pool.memory()
+    result.system_memory_bytes = system_memory_used()
+    result.threads_left = _finish(plan, workers)
+    result.round_seconds = time.monotonic() - started
+    return result
+
+
+def run_recovery(plan: Plan, setup: Setup, nodes: int, round_index: int) -> RecoveryResult:
+    """All `nodes` rendezvous (min nodes - 1), one is SIGKILLed, the survivors go again.
+
+    Each node is alone in its worker, so the kill kills only that node. The one killed holds
+    the highest rank: not rank 0, whose death also moves the master address (a different
+    fault), and never node 0, which hosts c10d's store.
+    """
+    result = RecoveryResult(setup.name, nodes, round_index)
+    workers: list[Worker] = []
+    try:
+        workers = plan.pool.take(nodes)
+        prepared = _prepare(plan, setup, workers, nodes, min_nodes=nodes - 1)
+        _create(plan, workers, prepared)
+        go = plan.pool.go(workers, plan.ready_timeout)
+        done = collect(workers, Done, go + plan.round_timeout)
+        if not _check(result, [node for answer in done.values() for node in answer.nodes]):
+            _finish(plan, workers)
+            return result
+        victim = max(
+            (w for w in workers if w is not workers[0]), key=lambda w: done[w].nodes[0].rank
+        )
+        survivors = [worker for worker in workers if worker is not victim]
+        # The survivors are armed first, so that they go again right after the kill (time
+        # zero), as their agents would once their local workers failed.
+        killed_at = plan.pool.go(survivors, plan.ready_timeout, before_release=victim.process.kill)
+        again = collect(survivors, Done, killed_at + plan.recovery_timeout)
+    except WorkerError as exc:
+        return _abandon(plan.pool, workers, result, exc)
+    plan.pool.replace([victim])
+    results = [node for answer in again.values() for node in answer.nodes]
+    returns = sorted(node.returned_at - killed_at for node in results)
+    result.recovery_seconds, result.first_seconds = returns[-1], returns[0]
+    _check(result, results)
+    _finish(plan, survivors)
+    return result
+
+
+def _create(plan: Plan, workers: Sequence[Worker], prepared: Mapping[Worker, Prepare]) -> None:
+    """Every worker's handlers, node 0's first: it hosts c10d's store, and the others' store
+    clients, made before it listens, retry with a backoff that takes seconds."""
+    exchange(workers[:1], prepared, Ready, plan.ready_timeout)
+    exchange(workers[1:], prepared, Ready, plan.ready_timeout)
+
+
+def _prepare(
+    plan: Plan, setup: Setup, workers: Sequence[Worker], nodes: int, min_nodes: int
+) -> dict[Worker, Prepare]:
+    """Each worker's share of the nodes, in order: node 0 in the first worker."""
+    run_id = f"bench-{uuid.uuid4().hex[:12]}"
+    endpoint = plan.etcd.endpoint
+    if not setup.uses_etcd:
+        endpoint = f"127.0.0.1:{free_loopback_ports(1)[0]}"
+    confs = setup.node_confs(nodes, run_id, plan.trace_dir)
+    specs = [
+        NodeSpec(index, {**conf, "last_call_timeout": str(plan.last_call_timeout)})
+        for index, conf in enumerate(confs)
+    ]
+    per_worker = -(-nodes // len(workers))
+    return {
+        worker: Prepare(
+            setup.backend, endpoint, run_id, min_nodes, nodes,
+            tuple(specs[slot * per_worker : (slot + 1) * per_worker]),
+        )
+        for slot, worker in enumerate(workers)
+    }  # fmt: skip
+
+
+def _check(result: Outcome, nodes: Sequence[NodeResult]) -> bool:
+    """One membership: ranks exactly 0..N-1 and one world size N (the tests' invariant)."""
+    records = [
+        {
+            "participant": f"node{node.index}",
+            "rank": node.rank,
+            "world_size": node.world_size,
+            "version": None,
+            "master_addr": node.master_addr,
+            "master_port": node.master_port,
+        }
+        for node in nodes
+    ]
+    try:
+        check_membership(records)
+    except AssertionError as exc:
+        result.status, result.error = "failed", f"membership check: {exc}"
+        return False
+    result.membership_checked = True
+    return True
+
+
+def _finish(plan: Plan, workers: Sequence[Worker]) -> list[str]:
+    """Shut every handler down, node 0's worker last: it may host c10d's store.
+
+    Returns the threads a shut-down handler left running. A worker that does not finish in
+    time is replaced: nothing of this round may linger into the next.
+    """
+    left: list[str] = []
+    for group in (workers[1:], workers[:1]):
+        try:
+            finished = exchange(group, Finish(), Finished, plan.finish_timeout)
+        except WorkerError as exc:
+            print(f"warning: replacing workers that did not finish: {exc}")
+            plan.pool.replace(group)
+            continue
+        for worker, answer in finished.items():
+            left += [f"{worker.pid}: {name}" for name in answer.threads_left]
+            for error in answer.errors:
+                print(f"warning: shutdown of a handler in {worker} failed: {error}")
+    return left
+
+
+ResultType = TypeVar("ResultType", bound=Outcome)
+
+
+def _abandon(
+    pool: WorkerPool, workers: Sequence[Worker], result: ResultType, exc: WorkerError
+) -> ResultType:
+    """A round that failed or ran out of time: its workers are killed and replaced."""
+    pool.replace(workers)
+    result.status = "timeout" if isinstance(exc, WorkerTimeout) else "failed"
+    result.error = str(exc)
+    return result

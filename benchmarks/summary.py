@@ -1,0 +1,185 @@
+"""Rounds summed up per setup and N, the cost of telemetry, and issue 8's targets judged."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from benchmarks.rounds import REFERENCE, RoundResult
+
+# The setups the targets are judged on: etcd-rdzv's default transport, telemetry off and on.
+JUDGED = ("etcd-rdzv v3, telemetry off", "etcd-rdzv v3, telemetry on")
+TRANSPORTS = ("v3", "v2")
+
+
+@dataclass
+class Summary:
+    """One setup at one N, over its rounds."""
+
+    setup: str
+    nodes: int
+    rounds_ok: int = 0
+    rounds_timed_out: int = 0
+    rounds_failed: int = 0
+    skipped: str | None = None  # why it has fewer rounds than asked (the slow cap)
+    median_seconds: float | None = None  # go to the last return, over the rounds
+    min_seconds: float | None = None
+    max_seconds: float | None = None
+    first_node_seconds: float | None = None  # median over the rounds of the first return
+    cpu_seconds_per_node: float | None = None
+    requests: float | None = None  # handler creation and rendezvous; median over the rounds
+    requests_per_node: float | None = None
+    rendezvous_requests_per_node: float | None = None  # go to the last return only
+    speedup: float | None = None  # torch etcd's median / this median
+
+
+@dataclass(frozen=True)
+class TelemetryCost:
+    transport: str
+    nodes: int
+    off_seconds: float
+    on_seconds: float
+    cost: float  # (on - off) / off, on the medians
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    met: bool | None  # None: not measured in this run
+    detail: str
+
+
+def summarize(
+    rounds: Sequence[RoundResult],
+    setups: Sequence[str],
+    rounds_asked: int,
+    skipped: Mapping[str, str],
+) -> list[Summary]:
+    summaries = []
+    for nodes in sorted({r.nodes for r in rounds}):
+        for setup in setups:
+            mine = [r for r in rounds if r.setup == setup and r.nodes == nodes]
+            summary = Summary(setup, nodes)
+            summary.rounds_timed_out = sum(r.status == "timeout" for r in mine)
+            summary.rounds_failed = sum(r.status == "failed" for r in mine)
+            ok = [r for r in mine if r.status == "ok"]
+            summary.rounds_ok = len(ok)
+            if setup in skipped and len(mine) < rounds_asked:
+                summary.skipped = skipped[setup]
+            if ok:
+                _fill(summary, ok)
+            summaries.append(summary)
+    for summary in summaries:
+        reference = find(summaries, REFERENCE, summary.nodes)
+        if reference and reference.median_seconds and summary.median_seconds:
+            summary.speedup = reference.median_seconds / summary.median_seconds
+    return summaries
+
+
+def _median(values: Iterable[float | int | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _fill(summary: Summary, ok: list[RoundResult]) -> None:
+    walls = [r.wall_seconds for r in ok if r.wall_seconds is not None]
+    summary.median_seconds = statistics.median(walls)
+    summary.min_seconds, summary.max_seconds = min(walls), max(walls)
+    summary.first_node_seconds = _median(r.first_seconds for r in ok)
+    summary.cpu_seconds_per_node = _median(r.cpu_seconds_per_node for r in ok)
+    summary.requests = _median(r.requests for r in ok)
+    rendezvous = _median(r.requests_rendezvous for r in ok)
+    if summary.requests is not None and rendezvous is not None:
+        summary.requests_per_node = summary.requests / summary.nodes
+        summary.rendezvous_requests_per_node = rendezvous / summary.nodes
+
+
+def find(summaries: Iterable[Summary], setup: str, nodes: int) -> Summary | None:
+    return next((s for s in summaries if s.setup == setup and s.nodes == nodes), None)
+
+
+def telemetry_costs(summaries: Sequence[Summary]) -> list[TelemetryCost]:
+    costs = []
+    for nodes in sorted({s.nodes for s in summaries}):
+        for api in TRANSPORTS:
+            off = find(summaries, f"etcd-rdzv {api}, telemetry off", nodes)
+            on = find(summaries, f"etcd-rdzv {api}, telemetry on", nodes)
+            if off and on and off.median_seconds and on.median_seconds:
+                cost = (on.median_seconds - off.median_seconds) / off.median_seconds
+                costs.append(TelemetryCost(api, nodes, off.median_seconds, on.median_seconds, cost))
+    return costs
+
+
+def judge(summaries: Sequence[Summary], costs: Sequence[TelemetryCost]) -> list[Target]:
+    """Issue 8's targets, judged on etcd-rdzv v3 with telemetry off and on."""
+    judged = [s for s in summaries if s.setup in JUDGED]
+
+    def at(nodes: int) -> list[Summary]:
+        return [s for s in judged if s.nodes == nodes]
+
+    return [
+        _every(
+            "≥5x faster than torch `etcd` at every N ≥ 8",
+            [s for s in judged if s.nodes >= 8],
+            lambda s: s.speedup, lambda v: f"{v:.1f}x", lambda v: v >= 5,
+        ),
+        _every(
+            "< 0.1 s at N = 2", at(2),
+            lambda s: s.median_seconds, lambda v: f"{v:.3f} s", lambda v: v < 0.1,
+        ),
+        _every(
+            "≤ 15 etcd requests per node at N = 64", at(64),
+            lambda s: s.requests_per_node, lambda v: f"{v:.1f}", lambda v: v <= 15,
+        ),
+        _every(
+            "< 2 s at N = 128", at(128),
+            lambda s: s.median_seconds, lambda v: f"{v:.3f} s", lambda v: v < 2,
+        ),
+        _completes(256, at(256)),
+        _telemetry_cost([c for c in costs if c.transport == "v3"]),
+    ]  # fmt: skip
+
+
+def _every(
+    name: str,
+    chosen: list[Summary],
+    value: Callable[[Summary], float | None],
+    shown: Callable[[float], str],
+    passes: Callable[[float], bool],
+) -> Target:
+    """Met when every chosen summary's value passes; not measured when one has none."""
+    if not chosen:
+        return Target(name, None, "not measured")
+    parts, verdicts = [], []
+    for summary in chosen:
+        measured = value(summary)
+        where = f"{summary.setup.removeprefix('etcd-rdzv ')}, N = {summary.nodes}"
+        if measured is None:
+            parts.append(f"{where}: not measured")
+            continue
+        parts.append(f"{where}: {shown(measured)}")
+        verdicts.append(passes(measured))
+    met = all(verdicts) if len(verdicts) == len(chosen) else None
+    return Target(name, met, "; ".join(parts))
+
+
+def _completes(nodes: int, chosen: list[Summary]) -> Target:
+    name = f"N = {nodes} completes"
+    if not chosen:
+        return Target(name, None, "not measured")
+    parts = [
+        f"{s.setup.removeprefix('etcd-rdzv ')}: {s.rounds_ok} rounds ok, "
+        f"{s.rounds_failed} failed, {s.rounds_timed_out} timed out"
+        for s in chosen
+    ]
+    met = all(s.rounds_ok and not (s.rounds_failed or s.rounds_timed_out) for s in chosen)
+    return Target(name, met, "; ".join(parts))
+
+
+def _telemetry_cost(costs: list[TelemetryCost]) -> Target:
+    name = "telemetry cost < 5% (v3, at every N)"
+    if not costs:
+        return Target(name, None, "not measured")
+    detail = "; ".join(f"N = {c.nodes}: {c.cost:+.1%}" for c in costs)
+    return Target(name, all(c.cost < 0.05 for c in costs), detail)
