@@ -145,6 +145,9 @@ class LoggingObserver(Observer):
     def state_seen(self, version: int | None, status: str, participants: int) -> None:
         self._progress.participants = participants
 
+    def close(self) -> None:
+        self._progress.close()
+
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
         if not ok:
             self._log.warning("keep_alive_refresh_failed", kind=kind, seconds=round(seconds, 6))
@@ -166,6 +169,8 @@ class _Progress:
     """While a rendezvous lasts, a `rendezvous_waiting` event every `interval` seconds.
 
     A stuck agent's log then says where it waits and for whom, not only that it started.
+    One thread for the observer's life, started with it: starting a thread per rendezvous
+    put a thread start (and the wait for it to run) on every rendezvous' critical path.
     """
 
     def __init__(
@@ -176,43 +181,59 @@ class _Progress:
         self._interval = interval
         self._lock = threading.Lock()
         self._phases: list[tuple[Phase, _LogScope, float]] = []
-        self._stopped = threading.Event()
+        self._running = threading.Event()  # set while a rendezvous lasts
+        self._ended = threading.Event()  # set when it ends (and when closing)
+        self._closed = False
         self.participants: int | None = None
+        if interval:
+            threading.Thread(target=self._report, name="etcd-rdzv-progress", daemon=True).start()
 
     def enter(self, phase: Phase, scope: _LogScope) -> None:
         with self._lock:
             self._phases.append((phase, scope, time.monotonic()))
-        if phase is Phase.RENDEZVOUS and self._interval:
-            self._stopped = threading.Event()
-            threading.Thread(
-                target=self._report, args=(self._stopped,), name="etcd-rdzv-progress", daemon=True
-            ).start()
+        if phase is Phase.RENDEZVOUS:
+            self._ended.clear()
+            self._running.set()
 
     def leave(self, phase: Phase) -> None:
         with self._lock:
             self._phases = [entry for entry in self._phases if entry[0] is not phase]
         if phase is Phase.RENDEZVOUS:
-            self._stopped.set()
+            self._running.clear()
+            self._ended.set()
 
-    def _report(self, stopped: threading.Event) -> None:
+    def close(self) -> None:
+        self._closed = True
+        self._ended.set()
+        self._running.set()
+
+    def _report(self) -> None:
         assert self._interval is not None
-        while not stopped.wait(self._interval):
-            with self._lock:
-                if not self._phases:
-                    continue
-                _, _, began = self._phases[0]
-                phase, scope, since = self._phases[-1]
-                fields = dict(scope.fields)
-            now = time.monotonic()
-            # The state read last, not the phase's start: joins since then count.
-            fields["participants"] = self.participants
-            self._log.info(
-                "rendezvous_waiting",
-                **{**fields, "phase": phase.value},
-                **{k: v for k, v in self._needed.items() if v is not None},
-                phase_seconds=round(now - since, 1),
-                seconds=round(now - began, 1),
-            )
+        while True:
+            self._running.wait()
+            # Every interval until this rendezvous ends; then wait for the next one.
+            while not self._ended.wait(self._interval):
+                self._log_waiting()
+            if self._closed:
+                return
+
+    def _log_waiting(self) -> None:
+        with self._lock:
+            if not self._phases:
+                return
+            _, _, began = self._phases[0]
+            phase, scope, since = self._phases[-1]
+            fields = dict(scope.fields)
+        now = time.monotonic()
+        # The state read last, not the phase's start: joins since then count.
+        fields["participants"] = self.participants
+        self._log.info(
+            "rendezvous_waiting",
+            **{**fields, "phase": phase.value},
+            **{k: v for k, v in self._needed.items() if v is not None},
+            phase_seconds=round(now - since, 1),
+            seconds=round(now - began, 1),
+        )
 
 
 class _LogScope(PhaseScope):

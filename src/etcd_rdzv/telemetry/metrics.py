@@ -145,14 +145,15 @@ class MetricsObserver(Observer):
         self._run_id = run_id
         self._lock = threading.Lock()
         self._phases: list[Phase] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._m.current_phase.enter(run_id, IDLE_PHASE)
         # Series that exist from the start at 0, so rate() and increase() see the first
         # failure instead of a series appearing out of nowhere.
         for outcome in ("ok", "timeout", "closed", "error"):
-            self._m.rendezvous_duration.labels(run_id, outcome)
+            self._series(self._m.rendezvous_duration, outcome)
         for kind in ("rank", "run"):
             for result in ("ok", "failed"):
-                self._m.lease_refreshes.labels(run_id, kind, result)
+                self._series(self._m.lease_refreshes, kind, result)
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
@@ -171,11 +172,11 @@ class MetricsObserver(Observer):
             elapsed = time.monotonic() - started
             exemplar = _exemplar()
             if phase is Phase.RENDEZVOUS:
-                self._m.rendezvous_duration.labels(self._run_id, outcome).observe(elapsed, exemplar)
+                self._series(self._m.rendezvous_duration, outcome).observe(elapsed, exemplar)
                 if outcome == "ok":
                     scope.publish_membership()
             else:
-                self._m.phase_duration.labels(self._run_id, phase.value, outcome).observe(
+                self._series(self._m.phase_duration, phase.value, outcome).observe(
                     elapsed, exemplar
                 )
             with self._lock:
@@ -187,35 +188,42 @@ class MetricsObserver(Observer):
         self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
     ) -> None:
         # Without a phase the retry comes from the etcd transport, on whichever thread.
-        self._m.retries.labels(self._run_id, phase.value if phase else "etcd", reason).inc()
+        self._series(self._m.retries, phase.value if phase else "etcd", reason).inc()
 
     def transition(
         self, version: int | None, before: str | None, after: str, participants: int, made: bool
     ) -> None:
-        self._m.transitions.labels(self._run_id, before or "none", after).inc()
+        self._series(self._m.transitions, before or "none", after).inc()
 
     def state_seen(self, version: int | None, status: str, participants: int) -> None:
         if version is not None:
-            self._m.version.labels(self._run_id).set(version)
-        self._m.participants.labels(self._run_id).set(participants)
+            self._series(self._m.version).set(version)
+        self._series(self._m.participants).set(participants)
 
     def nodes_waiting(self, count: int) -> None:
-        self._m.nodes_waiting.labels(self._run_id).set(count)
+        self._series(self._m.nodes_waiting).set(count)
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
-        self._m.lease_refreshes.labels(self._run_id, kind, "ok" if ok else "failed").inc()
-        self._m.lease_refresh_duration.labels(self._run_id, kind).observe(seconds, _exemplar())
+        self._series(self._m.lease_refreshes, kind, "ok" if ok else "failed").inc()
+        self._series(self._m.lease_refresh_duration, kind).observe(seconds, _exemplar())
 
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
-        self._m.etcd_requests.labels(self._run_id, operation, result).inc()
+        self._series(self._m.etcd_requests, operation, result).inc()
         if operation != "watch":
-            self._m.etcd_request_duration.labels(self._run_id, operation).observe(
-                seconds, _exemplar()
-            )
+            self._series(self._m.etcd_request_duration, operation).observe(seconds, _exemplar())
+
+    def _series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(run_id, *labels)`, looked up once: prometheus-client checks the
+        labels on every call, which was most of the metrics' cost in a rendezvous."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self._run_id, *labels)
+        return child
 
     def _membership(self, rank: int, world_size: int) -> None:
-        self._m.rank.labels(self._run_id).set(rank)
-        self._m.world_size.labels(self._run_id).set(world_size)
+        self._series(self._m.rank).set(rank)
+        self._series(self._m.world_size).set(world_size)
 
 
 class _MetricsScope(PhaseScope):
