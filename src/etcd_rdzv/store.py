@@ -118,8 +118,12 @@ class EtcdStore(Store):
             self.set(key, value)
 
     def wait_for_values(self, keys: Sequence[str], timeout: datetime.timedelta) -> list[bytes]:
-        """The values of `keys` once all exist (one listing when they do); a watch, not a poll,
-        between listings. Raises LookupError after `timeout`."""
+        """The values of `keys` once all exist (one listing when they do); between listings, a
+        watch of the first key still missing, not a poll. Raises LookupError after `timeout`.
+
+        A single-key watch, not one of the directory: over v3 a watch of a directory that
+        starts in the past waits for etcd's next sync of lagging watchers (100 ms), and the
+        directory moves while its keys are being set."""
         paths = [self._path(key) for key in keys]
         directory = self.prefix.rstrip("/")
         deadline = Deadline(timeout.total_seconds())
@@ -128,9 +132,10 @@ class EtcdStore(Store):
                 listing = self._kv.list(directory)
                 values = {entry.key: entry.value for entry in listing.entries}
                 revision = listing.revision
-            except KeyNotFound as missing:
-                values, revision = {}, missing.revision or 0
-            if all(path in values for path in paths):
+            except KeyNotFound as gone:
+                values, revision = {}, gone.revision or 0
+            missing = [path for path in paths if path not in values]
+            if not missing:
                 return [_decode(values[path]) for path in paths]
             if deadline.expired():
                 absent = [key for key, path in zip(keys, paths, strict=True) if path not in values]
@@ -138,7 +143,7 @@ class EtcdStore(Store):
                     f"EtcdStore: keys {absent} not set within {timeout.total_seconds():g}s "
                     f"under {self.prefix}"
                 )
-            self._kv.watch(directory, revision, deadline.remaining(), recursive=True)
+            self._kv.watch(missing[0], revision, deadline.remaining())
 
     def _path(self, key: str) -> str:
         return self.prefix + _encode(key)
