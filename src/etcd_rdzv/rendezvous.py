@@ -246,16 +246,7 @@ class EtcdRendezvous:
             scope.annotate(participants=snapshot[1].world_size)
         with self._observer.phase(Phase.CONFIRM, version=version, rank=joined.rank):
             snapshot = self._confirm(version, joined.rank, deadline)
-        with self._observer.phase(Phase.FINAL_WAIT, version=version, rank=joined.rank):
-            self._confirmed(version, joined.rank)
-            _, state = self._await(
-                snapshot,
-                Phase.FINAL_WAIT,
-                done=lambda s: s.is_version(Status.FINAL, version),
-                still=lambda s: s.is_version(Status.FROZEN, version),
-                deadline=deadline,
-            )
-        return Membership(version, joined.rank, state.world_size)
+        return self._await_final(version, joined.rank, snapshot, deadline)
 
     def _take_part_by_claims(
         self, version: int, snapshot: Snapshot, deadline: Deadline
@@ -284,8 +275,15 @@ class EtcdRendezvous:
             raise _StartOver(Phase.FROZEN_WAIT, "version_full", f"version {version} froze first")
         with self._observer.phase(Phase.CONFIRM, version=version, rank=rank):
             snapshot = self._claim_confirmation(version, rank, snapshot)
+        return self._await_final(version, rank, snapshot, deadline)
+
+    def _await_final(
+        self, version: int, rank: int, snapshot: Snapshot, deadline: Deadline
+    ) -> Membership:
+        """Final wait, in either layout; rank 0 publishes what the others need meanwhile."""
         with self._observer.phase(Phase.FINAL_WAIT, version=version, rank=rank):
-            self._confirmed(version, rank)
+            if rank == 0 and self._on_rank_zero is not None:
+                self._on_rank_zero(version)
             _, state = self._await(
                 snapshot,
                 Phase.FINAL_WAIT,
@@ -516,10 +514,6 @@ class EtcdRendezvous:
             ) from None
         self._see(final, made=True)
         return entry, final
-
-    def _confirmed(self, version: int, rank: int) -> None:
-        if rank == 0 and self._on_rank_zero is not None:
-            self._on_rank_zero(version)
 
     def _hold_last_call(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Snapshot:
         """Keep the version joinable for last_call_timeout more seconds, then freeze it.
