@@ -22,8 +22,8 @@ test: setup lint typecheck
 soak: setup
 	$(BIN)/pytest tests/soak -m soak -s $(PYTEST_ARGS)
 
-# Rendezvous latency, etcd requests and CPU against torch's backends, N = 2 to 256 (about half
-# an hour): prints the tables, writes runs/bench/results.json, docs/benchmarks.png and the
+# Rendezvous latency, etcd requests and CPU against torch's backends, N = 2 to 256 (about 20
+# minutes on 2 cores): prints the tables, writes runs/bench/results.json, docs/benchmarks.png and the
 # generated section of docs/benchmarks.md. BENCH_ARGS="--nodes 2 8 --rounds 1" for a quick look.
 BENCH_ARGS ?=
 bench: setup
