@@ -138,6 +138,8 @@ class EtcdRendezvous:
         self._lock = threading.Lock()
         # Names this node's join claims; unique per process and per rendezvous object.
         self._claimant = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # The value of this node's keys (claims, keep-alives): the same for every version.
+        self._identity = _node_identity(config.local_addr, config.ttls.keep_alive)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -253,7 +255,7 @@ class EtcdRendezvous:
     ) -> Membership:
         """The same phases, joining and confirming by claims (etcd v3)."""
         with self._observer.phase(Phase.JOIN, version=version) as scope:
-            claimed, snapshot = self._claim_rank(version, snapshot)
+            claimed = self._claim_rank(version, snapshot)
             if claimed.too_late:
                 scope.annotate(participants=self.config.max_nodes)
             else:
@@ -370,9 +372,7 @@ class EtcdRendezvous:
             return joined, (entry, joined.state)
         raise _StartOver(Phase.JOIN, "cas_exhausted", "too many lost compare-and-swaps")
 
-    def _claim_rank(
-        self, version: int, snapshot: Snapshot
-    ) -> tuple[protocol.ClaimedRank, Snapshot]:
+    def _claim_rank(self, version: int, snapshot: Snapshot) -> protocol.ClaimedRank:
         """Join by claim: a key of our own, created while the joinable state is unchanged."""
         entry, state = snapshot
         if not state.is_version(Status.JOINABLE, version):
@@ -386,10 +386,9 @@ class EtcdRendezvous:
                 f"{ours[1]}: every node of a run must use the same --nnodes MIN:MAX."
             )
         key = self.paths.join_claims(version) + self._claimant
-        identity = _node_identity(self.config.local_addr, self.config.ttls.keep_alive)
         try:
             position = self._kv.claim(
-                key, identity, guard=entry, queue=self.paths.join_claims(version)
+                key, self._identity, guard=entry, queue=self.paths.join_claims(version)
             ).position
         except CompareFailed as moved:
             # Frozen (or gone) under us; the refusal carries the state that replaced it.
@@ -406,7 +405,7 @@ class EtcdRendezvous:
         self._observer.state_seen(
             version, Status.JOINABLE.value, min(position, self.config.max_nodes)
         )
-        return claimed, snapshot
+        return claimed
 
     def _position_of(self, key: str, queue: str) -> int:
         """The place of a claim among its queue's, from a listing: claims are never rewritten,
@@ -455,30 +454,22 @@ class EtcdRendezvous:
         def joinable(state: RendezvousState) -> bool:
             return state.is_version(Status.JOINABLE, version)
 
-        backs_up = claimed.rank >= self.config.min_nodes
-        if not backs_up:
-            return self._await(
-                snapshot, Phase.FROZEN_WAIT, done=frozen, still=joinable, deadline=deadline
-            )
-        abandoned = Deadline(
-            deadline.bound(self.config.last_call_timeout + self.config.ttls.joinable)
+        # Only nodes that joined after the holder back it up; the others just wait.
+        abandoned = None
+        if claimed.rank >= self.config.min_nodes:
+            abandoned = Deadline(self.config.last_call_timeout + self.config.ttls.joinable)
+        entry, state = self._await(
+            snapshot,
+            Phase.FROZEN_WAIT,
+            done=frozen,
+            still=joinable,
+            deadline=deadline,
+            until=abandoned,
         )
-        try:
-            return self._await(
-                snapshot, Phase.FROZEN_WAIT, done=frozen, still=joinable, deadline=abandoned
-            )
-        except _StartOver as start_over:
-            if start_over.reason != "deadline" or deadline.expired():
-                raise
-        entry, state = self._read_state(Phase.FROZEN_WAIT)
-        if not joinable(state):
+        if frozen(state):
             return entry, state
         log.info("last call of version %d outlived its window; tearing it down", version)
-        try:
-            self._kv.compare_and_delete(self.paths.active_version, entry)
-            self._observer.transition(version, Status.JOINABLE.value, "deleted", 0, True)
-        except (CompareFailed, KeyNotFound, OutcomeUnknown):
-            pass  # it moved on meanwhile: the next attempt sees how
+        self._tear_down(version, entry, Status.JOINABLE)
         raise _StartOver(
             Phase.FROZEN_WAIT, "last_call_abandoned", f"nobody froze version {version}"
         )
@@ -488,11 +479,10 @@ class EtcdRendezvous:
         unchanged. The claim that completes the set makes the version final."""
         entry, state = snapshot
         key = self.paths.keep_alive(version, rank)
-        identity = _node_identity(self.config.local_addr, self.config.ttls.keep_alive)
         queue = self.paths.keep_alives(version)
         try:
             position = self._kv.claim(
-                key, identity, guard=entry, queue=queue, ttl=self.config.ttls.keep_alive
+                key, self._identity, guard=entry, queue=queue, ttl=self.config.ttls.keep_alive
             ).position
         except CompareFailed:
             raise _StartOver(
@@ -565,27 +555,23 @@ class EtcdRendezvous:
     ) -> Snapshot:
         """The last call under claims: nothing to keep fresh (the joinable state has no TTL,
         see `_await_freeze`); at the end, count the claims and freeze with as many."""
-        entry, state = snapshot
-        while not window.expired():
-            if state.is_version(Status.FROZEN, version):
-                return entry, state  # the claim that filled the version froze it
-            if not state.is_version(Status.JOINABLE, version):
-                raise _StartOver(
-                    Phase.LAST_CALL, "state_moved_on", f"version {version} changed during last call"
-                )
-            if deadline.expired():
-                raise _StartOver(Phase.LAST_CALL, "deadline", "deadline passed during last call")
-            entry, state = self._next_state(
-                (entry, state), Phase.LAST_CALL, deadline.bound(window.remaining())
-            )
+        entry, state = self._await(
+            snapshot,
+            Phase.LAST_CALL,
+            done=lambda s: s.is_version(Status.FROZEN, version),
+            still=lambda s: s.is_version(Status.JOINABLE, version),
+            deadline=deadline,
+            until=window,
+        )
+        if state.is_version(Status.FROZEN, version):
+            return entry, state  # the claim that filled the version froze it
         claims = len(self._kv.list(self.paths.join_claims(version)).entries)
         world_size = min(claims, self.config.max_nodes)
         return self._freeze(version, (entry, state), Phase.LAST_CALL, world_size)
 
     def _confirm(self, version: int, rank: int, deadline: Deadline) -> Snapshot:
         key = self.paths.keep_alive(version, rank)
-        identity = _node_identity(self.config.local_addr, self.config.ttls.keep_alive)
-        self._kv.put(key, identity, ttl=self.config.ttls.keep_alive)
+        self._kv.put(key, self._identity, ttl=self.config.ttls.keep_alive)
         self._hold_rank(key)
         entry, state = self._read_state(Phase.CONFIRM)
         for attempt in range(CAS_BACKOFF.max_attempts):
@@ -636,11 +622,7 @@ class EtcdRendezvous:
                 if missing:
                     scope.event("keep_alive_missing", keys=",".join(missing))
                     log.info("version %d lost %s; tearing it down", version, ", ".join(missing))
-                    try:
-                        self._kv.compare_and_delete(self.paths.active_version, entry)
-                        self._observer.transition(version, Status.FINAL.value, "deleted", 0, True)
-                    except (CompareFailed, KeyNotFound, OutcomeUnknown):
-                        pass
+                    self._tear_down(version, entry, Status.FINAL)
                     return
                 if deadline.expired():
                     raise RendezvousTimeoutError(
@@ -667,6 +649,15 @@ class EtcdRendezvous:
                 else:
                     # Another change under /rdzv (e.g. a store key): state and members unchanged.
                     entry = Entry(entry.key, entry.value, entry.revision, change.revision)
+
+    def _tear_down(self, version: int, entry: Entry, status: Status) -> None:
+        """Delete the state as last seen, so that a new version can open; if it moved on
+        meanwhile, the next attempt sees how."""
+        try:
+            self._kv.compare_and_delete(self.paths.active_version, entry)
+            self._observer.transition(version, status.value, "deleted", 0, True)
+        except (CompareFailed, KeyNotFound, OutcomeUnknown):
+            pass
 
     def _announce_waiting(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Snapshot:
         entry, state = snapshot
@@ -736,8 +727,12 @@ class EtcdRendezvous:
         done: Callable[[RendezvousState], bool],
         still: Callable[[RendezvousState], bool],
         deadline: Deadline,
+        until: Deadline | None = None,
     ) -> Snapshot:
-        """Watch the state until `done`; start over as soon as it is neither done nor `still`."""
+        """Watch the state until `done`; start over as soon as it is neither done nor `still`.
+
+        With `until`, also return the state as last read (still `still`) once `until` passes.
+        """
         entry, state = snapshot
         while not done(state):
             if not still(state):
@@ -745,7 +740,12 @@ class EtcdRendezvous:
             if deadline.expired():
                 where = _describe(self._with_participants(state))
                 raise _StartOver(phase, "deadline", f"deadline passed in {phase.value} at {where}")
-            entry, state = self._next_state((entry, state), phase, deadline.remaining())
+            wait = deadline.remaining()
+            if until is not None:
+                if until.expired():
+                    break
+                wait = min(wait, until.remaining())
+            entry, state = self._next_state((entry, state), phase, wait)
         return entry, state
 
     def _next_state(self, snapshot: Snapshot, phase: Phase, timeout: float) -> Snapshot:
