@@ -41,11 +41,15 @@ class MasterAddress:
         self._config = config
         self._paths = RunPaths(config.run_path)
         self._published: tuple[int, RendezvousStoreInfo] | None = None
+        self._store: tuple[int, EtcdStore] | None = None
 
     def store(self, version: int) -> EtcdStore:
-        prefix = self._paths.store(version)
-        self._kv.ensure_directory(prefix)
-        return EtcdStore(self._kv, prefix)
+        """The version's store, its directory made once (rank 0 asks before and after)."""
+        if self._store is None or self._store[0] != version:
+            prefix = self._paths.store(version)
+            self._kv.ensure_directory(prefix)
+            self._store = (version, EtcdStore(self._kv, prefix))
+        return self._store[1]
 
     def publish(self, version: int) -> RendezvousStoreInfo:
         info = RendezvousStoreInfo.build(0, self.store(version), local_addr=self._config.local_addr)
