@@ -318,6 +318,41 @@ def missing_keep_alives(state: RendezvousState, live_keys: Iterable[str]) -> lis
     return [key for key in state.keep_alives or () if key not in live]
 
 
+# --- etcd outages while training -------------------------------------------------------------
+# Workers train without etcd: an outage while nobody joins changes nothing about who is in the
+# job. These decide what a member does once etcd answers again, and what leaving means.
+
+
+def may_restore_keep_alive(
+    state: RendezvousState | None, version: int, rank: int, key: str
+) -> bool:
+    """Whether a live member may re-create its keep-alive `key` (rank `rank` of `version`),
+    found gone: it expired while etcd did not answer or was paused, not because the member
+    left. Only while that version is still the active one and still counts the member; a
+    version torn down or replaced meanwhile is not brought back.
+    """
+    if state is None or state.version != version:
+        return False
+    if state.status is Status.FINAL:
+        return key in (state.keep_alives or ())
+    if state.status is Status.FROZEN:
+        return 0 <= rank < state.world_size
+    return False
+
+
+def members_left_training(
+    state: RendezvousState | None, own_key: str | None, live_keys: Iterable[str]
+) -> list[str]:
+    """Keep-alive keys of the other members of the active final version that still live:
+    nodes that train on if this one leaves. Closing the run under them would stop them at
+    their next rendezvous, so a node that leaves while this is not empty leaves it open.
+    """
+    if state is None or state.status is not Status.FINAL:
+        return []
+    live = set(live_keys)
+    return [key for key in state.keep_alives or () if key != own_key and key in live]
+
+
 # --- decoding helpers ------------------------------------------------------------------------
 
 

@@ -6,6 +6,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Deadline:
@@ -56,3 +59,29 @@ CAS_BACKOFF = Backoff(initial=0.002, maximum=0.1)
 
 TRANSIENT_BACKOFF = Backoff(initial=0.05, maximum=1.0, max_attempts=20)
 """After an etcd request failed for a passing reason (leader election, a dropped connection)."""
+
+
+def retry_while_failing(
+    call: Callable[[], T],
+    transient: tuple[type[BaseException], ...],
+    deadline: Deadline,
+    backoff: Backoff = TRANSIENT_BACKOFF,
+    on_retry: Callable[[int, BaseException], None] | None = None,
+) -> T:
+    """`call()`, tried again after each `transient` failure until `deadline`; the last
+    failure is raised once the deadline has passed.
+
+    For callers whose own deadline is longer than one etcd request's (a store operation, a
+    rendezvous): an etcd outage then costs them time, not their result.
+    """
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except transient as error:
+            if deadline.expired():
+                raise
+            attempt += 1
+            if on_retry is not None:
+                on_retry(attempt, error)
+            backoff.sleep(min(attempt, 8), deadline)

@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -24,6 +24,9 @@ from etcd_rdzv.telemetry.observer import Observer, Phase, PhaseScope
 LOGGER_NAME = "etcd_rdzv"
 EVENT_LOGGER_NAME = "etcd_rdzv.events"
 LogFormat = Literal["auto", "json", "console"]
+# While etcd does not answer, torch's monitor loop asks every --monitor-interval (0.1 s by
+# default): one warning when the outage starts, then one per this many seconds it lasts.
+UNANSWERED_LOG_INTERVAL = 30.0
 _HANDLER_MARK = "_etcd_rdzv_handler"
 
 
@@ -97,6 +100,7 @@ class LoggingObserver(Observer):
         progress_interval: float | None = None,
     ) -> None:
         self._log = event_logger(run_id, node)
+        self._unanswered_logged_at = float("-inf")
         self._progress = _Progress(self._log, min_nodes, max_nodes, progress_interval)
 
     @contextmanager
@@ -151,6 +155,44 @@ class LoggingObserver(Observer):
     def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
         if not ok:
             self._log.warning("keep_alive_refresh_failed", kind=kind, seconds=round(seconds, 6))
+
+    def lease_restored(self, kind: str, key: str) -> None:
+        self._log.warning("keep_alive_restored", kind=kind, key=key)
+
+    def etcd_unanswered(
+        self, call: str, reason: str, detail: str, failures: int, outage_seconds: float
+    ) -> None:
+        now = time.monotonic()
+        if failures > 1 and now - self._unanswered_logged_at < UNANSWERED_LOG_INTERVAL:
+            return
+        self._unanswered_logged_at = now
+        self._log.warning(
+            "etcd_unanswered_while_training",
+            call=call,
+            reason=reason,
+            detail=detail,
+            failures=failures,
+            outage_seconds=round(outage_seconds, 3),
+            answered_with="last known state: no node waiting, run not closed",
+        )
+
+    def etcd_answered_again(self, call: str, failures: int, outage_seconds: float) -> None:
+        self._log.info(
+            "etcd_answered_again",
+            call=call,
+            failures=failures,
+            outage_seconds=round(outage_seconds, 3),
+        )
+
+    def run_left_open(self, version: int | None, reason: str, members: Sequence[str]) -> None:
+        self._log.info("run_left_open", version=version, reason=reason, members=list(members))
+
+    def closed_while_training(self, version: int) -> None:
+        self._log.error(
+            "run_closed_while_training",
+            version=version,
+            consequence="training goes on, but no node of the run can rendezvous again",
+        )
 
     def _phase_failed(
         self, phase: Phase, scope: _LogScope, error: BaseException, seconds: float

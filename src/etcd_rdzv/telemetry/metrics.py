@@ -61,7 +61,8 @@ class RendezvousMetrics:
         )
         self.lease_refreshes = counter(
             "etcd_rdzv_lease_refreshes",
-            "Keep-alive refreshes of TTL keys, by key kind (run, rank) and result (ok, failed).",
+            "Keep-alive refreshes of TTL keys, by key kind (run, rank) and result (ok, failed, "
+            "restored: re-created after it expired while etcd did not answer).",
             ["kind", "result"],
         )
         self.lease_refresh_duration = histogram(
@@ -92,6 +93,18 @@ class RendezvousMetrics:
             "etcd_rdzv_etcd_requests",
             "Requests to etcd, by operation and result.",
             ["operation", "result"],
+        )
+        self.unanswered_calls = counter(
+            "etcd_rdzv_unanswered_calls",
+            "Calls torch made while training (num_nodes_waiting, is_closed, shutdown) that etcd "
+            "did not answer; each was answered from what the node last knew.",
+            ["call"],
+        )
+        self.closed_while_training = counter(
+            "etcd_rdzv_closed_while_training",
+            "Times this node found its run closed while it trained: the job cannot "
+            "rendezvous again after a failure.",
+            [],
         )
         self.etcd_request_duration = histogram(
             "etcd_rdzv_etcd_request_duration_seconds",
@@ -152,8 +165,11 @@ class MetricsObserver(Observer):
         for outcome in ("ok", "timeout", "closed", "error"):
             self._series(self._m.rendezvous_duration, outcome)
         for kind in ("rank", "run"):
-            for result in ("ok", "failed"):
+            for result in ("ok", "failed", "restored"):
                 self._series(self._m.lease_refreshes, kind, result)
+        for call in ("num_nodes_waiting", "is_closed", "shutdown"):
+            self._series(self._m.unanswered_calls, call)
+        self._series(self._m.closed_while_training)
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
@@ -211,6 +227,17 @@ class MetricsObserver(Observer):
         self._series(self._m.etcd_requests, operation, result).inc()
         if operation != "watch":
             self._series(self._m.etcd_request_duration, operation).observe(seconds, _exemplar())
+
+    def lease_restored(self, kind: str, key: str) -> None:
+        self._series(self._m.lease_refreshes, kind, "restored").inc()
+
+    def etcd_unanswered(
+        self, call: str, reason: str, detail: str, failures: int, outage_seconds: float
+    ) -> None:
+        self._series(self._m.unanswered_calls, call).inc()
+
+    def closed_while_training(self, version: int) -> None:
+        self._series(self._m.closed_while_training).inc()
 
     def _series(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(run_id, *labels)`, looked up once: prometheus-client checks the

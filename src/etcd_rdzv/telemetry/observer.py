@@ -77,6 +77,30 @@ class Observer:
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         """One request to etcd; `result` is `ok` or the error kind."""
 
+    def lease_restored(self, kind: str, key: str) -> None:
+        """A keep-alive key of `kind` that expired while etcd did not answer was re-created
+        by its live owner, in the version it still belongs to."""
+
+    def etcd_unanswered(
+        self, call: str, reason: str, detail: str, failures: int, outage_seconds: float
+    ) -> None:
+        """`call`, one of the handler's methods torch calls while training (`num_nodes_waiting`,
+        `is_closed`, `shutdown`), found etcd not answering (`reason`: `unavailable`,
+        `rejected`, `corrupt_state`) and answered from what this node last knew. `failures`
+        counts such calls since etcd last answered, the first `outage_seconds` ago."""
+
+    def etcd_answered_again(self, call: str, failures: int, outage_seconds: float) -> None:
+        """etcd answered `call` after `failures` unanswered calls over `outage_seconds`."""
+
+    def run_left_open(self, version: int | None, reason: str, members: Sequence[str]) -> None:
+        """This node leaves the run without closing it: other `members` (keep-alive keys)
+        still train in `version` (`reason` `members_training`), or etcd did not answer
+        (`etcd_unanswered`)."""
+
+    def closed_while_training(self, version: int) -> None:
+        """The run was found closed while this node, a member of `version`, trains: the job
+        goes on, but none of its nodes can rendezvous again after a failure."""
+
     def open_version(self, version: int) -> str | None:
         """This node creates `version`: return the context every node should share, or None."""
         return None
@@ -135,6 +159,28 @@ class FanOut(Observer):
 
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         self._each("etcd_request", lambda o: o.etcd_request(operation, result, seconds))
+
+    def lease_restored(self, kind: str, key: str) -> None:
+        self._each("lease_restored", lambda o: o.lease_restored(kind, key))
+
+    def etcd_unanswered(
+        self, call: str, reason: str, detail: str, failures: int, outage_seconds: float
+    ) -> None:
+        self._each(
+            "etcd_unanswered",
+            lambda o: o.etcd_unanswered(call, reason, detail, failures, outage_seconds),
+        )
+
+    def etcd_answered_again(self, call: str, failures: int, outage_seconds: float) -> None:
+        self._each(
+            "etcd_answered_again", lambda o: o.etcd_answered_again(call, failures, outage_seconds)
+        )
+
+    def run_left_open(self, version: int | None, reason: str, members: Sequence[str]) -> None:
+        self._each("run_left_open", lambda o: o.run_left_open(version, reason, members))
+
+    def closed_while_training(self, version: int) -> None:
+        self._each("closed_while_training", lambda o: o.closed_while_training(version))
 
     def open_version(self, version: int) -> str | None:
         shared = None
