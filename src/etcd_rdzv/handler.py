@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import logging
+import time
+from collections.abc import Callable
 
 from torch.distributed.elastic.rendezvous import (
     RendezvousHandler,
@@ -16,16 +19,70 @@ from torch.distributed.elastic.rendezvous import (
 
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
-from etcd_rdzv.kv import KeyNotFound, KeyValue, connect
-from etcd_rdzv.protocol import Status
+from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError, EtcdUnavailableError
+from etcd_rdzv.kv import KeyNotFound, KeyValue, KvError, connect
+from etcd_rdzv.protocol import RendezvousState, Status
 from etcd_rdzv.rendezvous import EtcdRendezvous, Membership, RunPaths
-from etcd_rdzv.retry import Deadline
+from etcd_rdzv.retry import Deadline, retry_while_failing
 from etcd_rdzv.store import EtcdStore
 from etcd_rdzv.telemetry import Observer, Phase, build_telemetry
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "etcd-rdzv"
+
+# What etcd can answer (or fail to) to a call torch makes while the workers train. None of it
+# says that a node left: the workers' collectives do not use etcd.
+ETCD_FAILURES = (EtcdUnavailableError, EtcdRejectedError, CorruptStateError, KvError)
+
+# The key torch's agent sets in the rendezvous store when the last member has reached its exit
+# barrier: every member's workers finished (torch's `_TERMINAL_STATE_SYNC_ID` followed by
+# `_LAST_MEMBER_CHECKIN`; tests/unit/test_handler_outages.py checks they still match).
+EXIT_BARRIER_DONE = "torchelastic/agent/terminal_state/last_member"
+
+
+class EtcdContact:
+    """Whether etcd answers the calls torch makes while training, and since when it has not.
+
+    torch's agent calls `num_nodes_waiting()` from its monitor loop and does not catch what it
+    raises: an exception there stops the workers of a job that was training. Those calls
+    answer from what the node last knew instead, and report the outage here, so that it is
+    counted, logged (rate-limited by the logging observer) and its end is seen.
+    """
+
+    def __init__(self, observer: Observer, clock: Callable[[], float] = time.monotonic) -> None:
+        self._observer = observer
+        self._clock = clock
+        self._failures = 0
+        self._since: float | None = None
+
+    @property
+    def answering(self) -> bool:
+        return self._since is None
+
+    def failed(self, call: str, error: Exception) -> None:
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+        self._failures += 1
+        self._observer.etcd_unanswered(
+            call, _failure_reason(error), str(error), self._failures, now - self._since
+        )
+
+    def answered(self, call: str) -> None:
+        if self._since is None:
+            return
+        outage = self._clock() - self._since
+        self._observer.etcd_answered_again(call, self._failures, outage)
+        self._since, self._failures = None, 0
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, EtcdRejectedError):
+        return "rejected"
+    if isinstance(error, CorruptStateError):
+        return "corrupt_state"
+    return "unavailable"
 
 
 class MasterAddress:
@@ -75,6 +132,10 @@ class EtcdRdzvHandler(RendezvousHandler):
         self._kv = kv
         self._observer = observer
         self._master_address = master_address
+        self._contact = EtcdContact(observer)
+        self._closed_seen = False
+        # The version whose members found the run closed while training, reported once.
+        self._closed_under: int | None = None
         self.last_membership: Membership | None = None
 
     def get_backend(self) -> str:
@@ -86,7 +147,11 @@ class EtcdRdzvHandler(RendezvousHandler):
         for attempt in itertools.count(1):
             membership = self._rendezvous.next_rendezvous()
             self.last_membership = membership
-            store = self._master_address.store(membership.version)
+            store = retry_while_failing(
+                functools.partial(self._master_address.store, membership.version),
+                (EtcdUnavailableError,),
+                deadline,
+            )
             bootstrap: RendezvousStoreInfo | None
             if membership.rank == 0:
                 bootstrap = self._master_address.of_rank_zero(membership.version)
@@ -121,22 +186,41 @@ class EtcdRdzvHandler(RendezvousHandler):
                 self._kv.get(master)
             except KeyNotFound:
                 return None
+            except EtcdUnavailableError:
+                pass  # rank 0's fate is unknown until etcd answers: keep waiting
         raise RendezvousTimeoutError(
             f"Rendezvous of run {self._rendezvous.config.run_id!r}: rank 0 of version "
             f"{membership.version} is alive but did not publish its address within "
             f"{self._rendezvous.config.timeout:g}s."
         )
 
+    # --- what torch calls while the workers train: never raises for etcd's sake ---------------
+
     def is_closed(self) -> bool:
-        state = self._rendezvous.current_state()
-        return state is not None and state.status is Status.CLOSED
+        """Whether the run is closed; while etcd does not answer, the last answer (torch's
+        own backend raises instead)."""
+        answered, state = self._state_while_training("is_closed")
+        if answered:
+            self._closed_seen = state is not None and state.status is Status.CLOSED
+        return self._closed_seen
 
     def set_closed(self) -> None:
         self._rendezvous.set_closed()
 
     def num_nodes_waiting(self) -> int:
+        """Nodes waiting for this node's version to end (torch restarts its workers when
+        positive); 0 while etcd does not answer: no node can join without etcd, so none
+        waits that this job could take in."""
+        answered, state = self._state_while_training("num_nodes_waiting")
         member_of = self.last_membership.version if self.last_membership else None
-        waiting = protocol.nodes_waiting(self._rendezvous.current_state(), member_of)
+        if not answered:
+            waiting = 0
+        else:
+            waiting = protocol.nodes_waiting(state, member_of)
+            self._closed_seen = state is not None and state.status is Status.CLOSED
+            if self._closed_seen and member_of is not None and self._closed_under != member_of:
+                self._closed_under = member_of
+                self._observer.closed_while_training(member_of)
         self._observer.nodes_waiting(waiting)
         return waiting
 
@@ -144,15 +228,50 @@ class EtcdRdzvHandler(RendezvousHandler):
         return self._rendezvous.config.run_id
 
     def shutdown(self) -> bool:
+        """Leave the run: stop this node's keep-alives, and close the run, unless other members
+        of its final version still train or etcd does not answer. torch's backends close it
+        whatever they leave behind, and the nodes left training can then never rendezvous
+        again. A job whose members all finished (torch's exit barrier) is closed; otherwise
+        the last member to leave closes it. True when the node left as it should."""
+        try:
+            return self._close_unless_others_train()
+        finally:
+            self._rendezvous.stop()
+            self._observer.close()
+
+    def _close_unless_others_train(self) -> bool:
+        membership = self.last_membership
+        version = membership.version if membership else None
+        try:
+            # Past torch's exit barrier every member's workers are done: the job is over.
+            finished = membership is not None and self._master_address.store(
+                membership.version
+            ).holds(EXIT_BARRIER_DONE)
+            others = [] if finished else self._rendezvous.members_training_besides(membership)
+        except ETCD_FAILURES as error:
+            self._contact.failed("shutdown", error)
+            self._observer.run_left_open(version, "etcd_unanswered", [])
+            return False
+        self._contact.answered("shutdown")
+        if others:
+            self._observer.run_left_open(version, "members_training", others)
+            return True
         try:
             self.set_closed()
         except Exception:
             log.warning("etcd-rdzv: closing the rendezvous failed", exc_info=True)
             return False
-        finally:
-            self._rendezvous.stop()
-            self._observer.close()
         return True
+
+    def _state_while_training(self, call: str) -> tuple[bool, RendezvousState | None]:
+        """(True, the run's state) when etcd answered `call`'s read, else (False, None)."""
+        try:
+            state = self._rendezvous.current_state()
+        except ETCD_FAILURES as error:
+            self._contact.failed(call, error)
+            return False, None
+        self._contact.answered(call)
+        return True, state
 
 
 def create_handler(

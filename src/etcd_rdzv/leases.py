@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.telemetry import Observer
@@ -12,19 +13,38 @@ from etcd_rdzv.telemetry import Observer
 log = logging.getLogger(__name__)
 
 
+# After a failed refresh, the next comes sooner than a third of the TTL: once etcd answers
+# again, a key that expired meanwhile is re-created within about this long.
+RETRY_AFTER_FAILURE = 1.0
+
+
 class KeepAlive:
     """Refreshes one TTL key every third of its TTL until stopped or the key is gone.
 
     A third, not half: two refreshes can fail in a row (an etcd leader election) and the key
-    still lives.
+    still lives. An outage or pause of etcd longer than the TTL expires the key all the same
+    although its owner lives: with a `restore`, the refresher re-creates it once etcd answers.
     """
 
-    def __init__(self, kv: KeyValue, key: str, ttl: float, kind: str, observer: Observer) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        key: str,
+        ttl: float,
+        kind: str,
+        observer: Observer,
+        *,
+        restore: Callable[[], bool] | None = None,
+    ) -> None:
+        """`restore()` is asked when the key is found gone: it re-creates the key and returns
+        True if its owner still holds what the key stands for (the key expired while etcd did
+        not answer), or returns False (the owner left, or its version was torn down)."""
         self.key = key
         self.kind = kind
         self._kv = kv
         self._ttl = ttl
         self._observer = observer
+        self._restore = restore
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"etcd-rdzv-keepalive-{kind}", daemon=True
@@ -44,13 +64,25 @@ class KeepAlive:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        while not self._stopped.wait(self._ttl / 3):
+        interval = self._ttl / 3
+        wait = interval
+        while not self._stopped.wait(wait):
+            wait = interval
             started = time.monotonic()
             try:
                 self._kv.refresh(self.key, self._ttl)
             except KeyNotFound:
-                # Someone tore the version down or the key expired: nothing left to keep.
+                # Torn down, or expired: while etcd was paused or unreachable, or because this
+                # process could not refresh in time. Only the owner can tell which.
                 self._observer.lease_refresh(self.kind, False, time.monotonic() - started)
+                restored = self._restored()
+                if restored is None:
+                    wait = min(interval, RETRY_AFTER_FAILURE)
+                    continue
+                if restored:
+                    self._observer.lease_restored(self.kind, self.key)
+                    log.warning("keep-alive key %s had expired; re-created it", self.key)
+                    continue
                 log.warning("keep-alive key %s is gone; stopping its refresher", self.key)
                 return
             except Exception as error:
@@ -58,5 +90,17 @@ class KeepAlive:
                 # owner stops us: a refresher that died would let the key expire unseen.
                 self._observer.lease_refresh(self.kind, False, time.monotonic() - started)
                 log.warning("keep-alive refresh of %s failed: %s", self.key, error)
+                wait = min(interval, RETRY_AFTER_FAILURE)
                 continue
             self._observer.lease_refresh(self.kind, True, time.monotonic() - started)
+
+    def _restored(self) -> bool | None:
+        """Whether the owner re-created its key (see `restore`); None: it could not tell yet
+        (etcd failed again), ask at the next attempt."""
+        if self._restore is None or self._stopped.is_set():
+            return False
+        try:
+            return self._restore()
+        except Exception as error:
+            log.warning("re-creating keep-alive key %s failed, retrying: %s", self.key, error)
+            return None

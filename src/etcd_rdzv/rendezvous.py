@@ -491,7 +491,7 @@ class EtcdRendezvous:
         except AlreadyExists:
             # Our earlier claim applied though its answer was lost (ranks are never shared).
             position = self._position_of(key, queue)
-        self._hold_rank(key)
+        self._hold_rank(version, rank)
         if position < state.world_size:
             return snapshot
         keep_alives = [self.paths.keep_alive(version, r) for r in range(state.world_size)]
@@ -572,7 +572,7 @@ class EtcdRendezvous:
     def _confirm(self, version: int, rank: int, deadline: Deadline) -> Snapshot:
         key = self.paths.keep_alive(version, rank)
         self._kv.put(key, self._identity, ttl=self.config.ttls.keep_alive)
-        self._hold_rank(key)
+        self._hold_rank(version, rank)
         entry, state = self._read_state(Phase.CONFIRM)
         for attempt in range(CAS_BACKOFF.max_attempts):
             if key in (state.keep_alives or ()) and state.version == version:
@@ -711,6 +711,22 @@ class EtcdRendezvous:
                 CAS_BACKOFF.sleep(attempt)
         raise EtcdUnavailableError("could not close the rendezvous: state kept changing")
 
+    def members_training_besides(self, membership: Membership | None) -> list[str]:
+        """Keep-alive keys of the active final version's other members that still live.
+
+        Raises the transport's errors: a caller that cannot read must not guess."""
+        state = self.current_state()
+        if state is None or state.status is not Status.FINAL or state.version is None:
+            return []
+        try:
+            live = self._kv.list(self.paths.version_dir(state.version)).keys
+        except KeyNotFound:
+            live = frozenset()
+        own = None
+        if membership is not None and membership.version == state.version:
+            own = self.paths.keep_alive(membership.version, membership.rank)
+        return protocol.members_left_training(state, own, live)
+
     def current_state(self) -> RendezvousState | None:
         try:
             return self._decode(self._kv.get(self.paths.active_version))
@@ -847,11 +863,37 @@ class EtcdRendezvous:
             Lifetime.PERMANENT: None,
         }[lifetime]
 
-    def _hold_rank(self, key: str) -> None:
+    def _hold_rank(self, version: int, rank: int) -> None:
+        key = self.paths.keep_alive(version, rank)
         with self._lock:
             self._rank_keep_alive = KeepAlive(
-                self._kv, key, self.config.ttls.keep_alive, "rank", self._observer
+                self._kv,
+                key,
+                self.config.ttls.keep_alive,
+                "rank",
+                self._observer,
+                restore=lambda: self._restore_keep_alive(version, rank),
             ).start()
+
+    def _restore_keep_alive(self, version: int, rank: int) -> bool:
+        """Re-create this member's keep-alive key, found gone, while its version still counts
+        it: it expired because etcd did not answer or was paused, not because this node left.
+        Runs on the refresher's thread, so it reads without reporting what it saw."""
+        key = self.paths.keep_alive(version, rank)
+        try:
+            entry = self._kv.get(self.paths.active_version)
+            state: RendezvousState | None = RendezvousState.decode(entry.value, entry.key)
+        except KeyNotFound:
+            state = None
+        except CorruptStateError:
+            return False  # the next rendezvous reports it; nothing here to keep alive
+        if not protocol.may_restore_keep_alive(state, version, rank, key):
+            return False
+        try:
+            self._kv.create(key, self._identity, ttl=self.config.ttls.keep_alive)
+        except AlreadyExists:
+            pass  # an earlier attempt whose answer was lost created it
+        return True
 
     def _release_rank(self) -> None:
         """Leave the version this node was part of.

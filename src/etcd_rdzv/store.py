@@ -2,21 +2,28 @@
 
 Keys and values are stored base64-encoded under `<run>/rdzv/v_<version>/kv/`, exactly as
 torch's `EtcdStore` does, so agents of both backends share one store in a mixed rendezvous.
+
+Every operation may take the store's timeout, as in any c10d store: an etcd that does not
+answer for a while costs an operation time, not its result (torch's agent reads and writes
+here right after a rendezvous and in its exit barrier).
 """
 
 from __future__ import annotations
 
 import datetime
 from base64 import b64decode, b64encode
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 # torch exports Store at runtime but its stubs do not list it.
 from torch.distributed import Store  # type: ignore[attr-defined]
 
+from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
-from etcd_rdzv.retry import CAS_BACKOFF, Deadline
+from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline, retry_while_failing
 
 _DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
+T = TypeVar("T")
 
 
 class EtcdStore(Store):
@@ -33,12 +40,16 @@ class EtcdStore(Store):
         self.set_timeout(timeout)
 
     def set(self, key: str, value: bytes | str) -> None:
-        self._kv.put(self._path(key), _encode(value))
+        path, encoded = self._path(key), _encode(value)
+        self._patiently(lambda: self._kv.put(path, encoded))
 
     def get(self, key: str) -> bytes:
         return self.wait_for_values([key], self.timeout)[0]
 
     def add(self, key: str, value: int) -> int:
+        return self._patiently(lambda: self._add(key, value))
+
+    def _add(self, key: str, value: int) -> int:
         path = self._path(key)
         try:
             self._kv.create(path, _encode(str(value)))
@@ -56,6 +67,11 @@ class EtcdStore(Store):
         raise RuntimeError(f"EtcdStore.add({key!r}) lost too many races")
 
     def compare_set(
+        self, key: str, expected_value: bytes | str, desired_value: bytes | str
+    ) -> bytes:
+        return self._patiently(lambda: self._compare_set(key, expected_value, desired_value))
+
+    def _compare_set(
         self, key: str, expected_value: bytes | str, desired_value: bytes | str
     ) -> bytes:
         path = self._path(key)
@@ -82,6 +98,9 @@ class EtcdStore(Store):
         raise RuntimeError(f"EtcdStore.compare_set({key!r}) lost too many races")
 
     def delete_key(self, key: str) -> bool:
+        return self._patiently(lambda: self._delete_key(key))
+
+    def _delete_key(self, key: str) -> bool:
         path = self._path(key)
         for attempt in range(CAS_BACKOFF.max_attempts):
             try:
@@ -95,20 +114,27 @@ class EtcdStore(Store):
 
     def check(self, keys: list[str]) -> bool:
         wanted = {self._path(key) for key in keys}
+        return wanted <= self._patiently(self._present_keys)
+
+    def _present_keys(self) -> frozenset[str]:
         try:
-            present = self._kv.list(self.prefix.rstrip("/")).keys
+            return self._kv.list(self.prefix.rstrip("/")).keys
+        except KeyNotFound:
+            return frozenset()
+
+    def holds(self, key: str) -> bool:
+        """Whether `key` is set now: one read, no waiting, and etcd's failures raised."""
+        try:
+            self._kv.get(self._path(key))
         except KeyNotFound:
             return False
-        return wanted <= present
+        return True
 
     def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
         self.wait_for_values(keys, timeout or self.timeout)
 
     def num_keys(self) -> int:
-        try:
-            return len(self._kv.list(self.prefix.rstrip("/")).entries)
-        except KeyNotFound:
-            return 0
+        return len(self._patiently(self._present_keys))
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
         return self.wait_for_values(keys, self.timeout)
@@ -125,25 +151,46 @@ class EtcdStore(Store):
         starts in the past waits for etcd's next sync of lagging watchers (100 ms), and the
         directory moves while its keys are being set."""
         paths = [self._path(key) for key in keys]
-        directory = self.prefix.rstrip("/")
         deadline = Deadline(timeout.total_seconds())
+        values: dict[str, str] = {}
+        unanswered = 0
         while True:
             try:
-                listing = self._kv.list(directory)
-                values = {entry.key: entry.value for entry in listing.entries}
-                revision = listing.revision
-            except KeyNotFound as gone:
-                values, revision = {}, gone.revision or 0
+                values, revision = self._values()
+                unanswered = 0
+            except EtcdUnavailableError:
+                unanswered += 1  # waiting out an outage is waiting for the keys
             missing = [path for path in paths if path not in values]
-            if not missing:
+            if not missing and not unanswered:
                 return [_decode(values[path]) for path in paths]
             if deadline.expired():
-                absent = [key for key, path in zip(keys, paths, strict=True) if path not in values]
+                absent = [key for key, path in zip(keys, paths, strict=True) if path in missing]
+                why = " (etcd did not answer)" if unanswered else ""
                 raise LookupError(
                     f"EtcdStore: keys {absent} not set within {timeout.total_seconds():g}s "
-                    f"under {self.prefix}"
+                    f"under {self.prefix}{why}"
                 )
-            self._kv.watch(missing[0], revision, deadline.remaining())
+            if not unanswered:
+                try:
+                    self._kv.watch(missing[0], revision, deadline.remaining())
+                    continue
+                except EtcdUnavailableError:
+                    unanswered += 1
+            TRANSIENT_BACKOFF.sleep(min(unanswered, 8), deadline)
+
+    def _values(self) -> tuple[dict[str, str], int]:
+        """The store's keys and values, and the revision they were read at."""
+        try:
+            listing = self._kv.list(self.prefix.rstrip("/"))
+        except KeyNotFound as gone:
+            return {}, gone.revision or 0
+        return {entry.key: entry.value for entry in listing.entries}, listing.revision
+
+    def _patiently(self, operation: Callable[[], T]) -> T:
+        """`operation`, retried while etcd does not answer, within the store's timeout."""
+        return retry_while_failing(
+            operation, (EtcdUnavailableError,), Deadline(self.timeout.total_seconds())
+        )
 
     def _path(self, key: str) -> str:
         return self.prefix + _encode(key)
