@@ -13,7 +13,9 @@ needs no arguments. Each rank contributes `rank + 1`; the sum over the group mus
 all-reduce succeeded (the whole group is up), a `started-...` file with the same fields.
 
 `--steps N --step-seconds S` repeat the all-reduce N times with a pause between steps: a
-stand-in for a training loop that runs long enough to lose a node in the middle.
+stand-in for a training loop that runs long enough to lose a node in the middle. With
+`--stop-file PATH` the loop ends, on every rank at the same step, once that file exists: a test
+decides when training ends instead of guessing how long a fault takes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1, help="all-reduce steps (default 1)")
     parser.add_argument(
         "--step-seconds", type=float, default=0.0, help="pause between steps (default 0)"
+    )
+    parser.add_argument(
+        "--stop-file",
+        type=Path,
+        default=None,
+        help="end the loop (on every rank at once) when this file exists",
     )
     parser.add_argument(
         "--timeout",
@@ -70,6 +78,15 @@ def all_reduce_step(rank: int, world_size: int) -> tuple[int, int]:
     return int(tensor.item()), world_size * (world_size + 1) // 2
 
 
+def asked_to_stop(stop_file: Path | None) -> bool:
+    """Whether any rank saw the stop file: decided together, so every rank stops at one step."""
+    if stop_file is None:
+        return False
+    seen = torch.tensor([1 if stop_file.exists() else 0], dtype=torch.int64)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
+
+
 def write_record(out: Path, kind: str, record: dict[str, Any]) -> Path:
     """Write one JSON line atomically, so a reader never sees half a file."""
     name = (
@@ -98,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             record = {**me, "step": step + 1, "sum": total, "expected": expected, "ok": ok}
             if step == 0:
                 write_record(args.out, "started", record)
+            if asked_to_stop(args.stop_file):
+                break
             if step + 1 < args.steps:
                 # The workload's pace, not a synchronization: the all-reduce is the barrier.
                 time.sleep(args.step_seconds)
