@@ -9,6 +9,7 @@ process, speaks that one. A test about one API alone says so with `only_etcd_api
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +21,13 @@ import pytest
 
 from etcd_rdzv.config import RendezvousConfig, parse_endpoints, parse_etcd_api
 from etcd_rdzv.kv import KeyValue, connect
-from etcd_rdzv.local_etcd import LocalEtcd, ServerTls, start_local_etcd
+from etcd_rdzv.local_etcd import (
+    LocalEtcd,
+    LocalEtcdCluster,
+    ServerTls,
+    start_local_etcd,
+    start_local_etcd_cluster,
+)
 from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
 
 ETCD_APIS = ("v3", "v2")
@@ -168,6 +175,30 @@ def etcd_factory(etcd_api: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture
+def etcd_cluster(etcd_api: str, tmp_path: Path) -> Iterator[LocalEtcdCluster]:
+    """Three etcd members as one cluster for this test only, v2 on only for the v2 run."""
+    _require_etcd_binary()
+    started = start_local_etcd_cluster(3, enable_v2=etcd_api == "v2", root_dir=tmp_path / "etcd")
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+_IS_LEADER = re.compile(r"^etcd_server_is_leader\s+(\S+)$", re.MULTILINE)
+
+
+def etcd_leaders(members: list[LocalEtcd]) -> list[LocalEtcd]:
+    """The running members that say (in their metrics) that they lead the cluster."""
+
+    def leads(member: LocalEtcd) -> bool:
+        found = _IS_LEADER.search(member.metrics_text())
+        return found is not None and float(found.group(1)) == 1.0
+
+    return [member for member in members if member.is_running() and leads(member)]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ Each test prints `OUTAGE <fault> <api> ...` with what it measured (`pytest -s`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,10 @@ import pytest
 
 from etcd_rdzv.demo import AgentSpec, TorchrunAgent, read_records, wait_for_agents
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd, LocalEtcdCluster, start_local_etcd_cluster
+from etcd_rdzv.local_etcd import LocalEtcd, LocalEtcdCluster
 from etcd_rdzv.protocol import RendezvousState, Status
 from etcd_rdzv.rendezvous import RunPaths
-from tests.conftest import EtcdFactory, open_kv
+from tests.conftest import EtcdFactory, etcd_leaders, open_kv
 from tests.e2e.agents import WORKER_SCRIPT, LaunchAgent, describe_agents, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -212,30 +212,21 @@ def test_training_goes_on_while_etcd_is_killed_and_restarted(
     )
 
 
-@pytest.fixture
-def cluster(etcd_api: str, tmp_path: Path) -> Iterator[LocalEtcdCluster]:
-    started = start_local_etcd_cluster(3, enable_v2=etcd_api == "v2", root_dir=tmp_path / "etcd")
-    try:
-        yield started
-    finally:
-        started.close()
-
-
 def test_training_goes_on_when_the_etcd_leader_is_killed(
-    cluster: LocalEtcdCluster, job: Job
+    etcd_cluster: LocalEtcdCluster, job: Job
 ) -> None:
-    from tests.integration.test_etcd_faults import leaders  # the one leader probe
-
-    wait_until(lambda: len(leaders(cluster.members)) == 1 or None, 15, what="one etcd leader")
-    (leader,) = leaders(cluster.members)
-    followers = [member for member in cluster.members if member is not leader]
+    wait_until(
+        lambda: len(etcd_leaders(etcd_cluster.members)) == 1 or None, 15, what="one etcd leader"
+    )
+    (leader,) = etcd_leaders(etcd_cluster.members)
+    followers = [member for member in etcd_cluster.members if member is not leader]
     # The leader first: every agent prefers it, so losing it forces each to fail over.
     endpoints = ",".join(member.endpoint for member in [leader, *followers])
 
     def kill_leader() -> float:
         started = time.monotonic()
         leader.kill()
-        wait_until(lambda: len(leaders(followers)) == 1 or None, 30, what="a new etcd leader")
+        wait_until(lambda: len(etcd_leaders(followers)) == 1 or None, 30, what="a new etcd leader")
         return time.monotonic() - started
 
     run_through(

@@ -11,10 +11,8 @@ Several runs sharing one etcd under load, each keeping to its own keys, are chec
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,20 +23,19 @@ from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.handler import create_handler
 from etcd_rdzv.kv import KeyValue
 from etcd_rdzv.local_etcd import (
-    LocalEtcd,
     LocalEtcdCluster,
     free_loopback_ports,
-    start_local_etcd_cluster,
 )
 from etcd_rdzv.telemetry import FanOut
 from etcd_rdzv.telemetry.metrics import MetricsObserver, RendezvousMetrics
-from tests.conftest import EtcdFactory, etcd_keys, open_kv
+from tests.conftest import EtcdFactory, etcd_keys, etcd_leaders, open_kv
 from tests.support.harness import (
     JsonDict,
     Participant,
     ParticipantGroup,
     check_membership,
     joined_ranks,
+    logged_events,
 )
 from tests.support.waiting import wait_until
 
@@ -60,21 +57,6 @@ JOIN_TIMEOUT = 30.0
 
 def state_key(run_id: str) -> str:
     return f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
-
-
-def logged_events(node: Participant) -> list[JsonDict]:
-    """The structlog JSON events in a participant's stderr log (other lines skipped)."""
-    events = []
-    for line in node.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and "event" in event:
-            events.append(event)
-    return events
 
 
 def etcd_retries(node: Participant) -> list[JsonDict]:
@@ -177,33 +159,14 @@ def test_rendezvous_completes_after_etcd_was_killed_and_restarted_mid_join(
 # --- a three-member cluster loses its leader -----------------------------------------------------
 
 
-@pytest.fixture
-def cluster(etcd_api: str, tmp_path: Path) -> Iterator[LocalEtcdCluster]:
-    started = start_local_etcd_cluster(3, enable_v2=etcd_api == "v2", root_dir=tmp_path / "etcd")
-    try:
-        yield started
-    finally:
-        started.close()
-
-
-_IS_LEADER = re.compile(r"^etcd_server_is_leader\s+(\S+)$", re.MULTILINE)
-
-
-def is_leader(member: LocalEtcd) -> bool:
-    found = _IS_LEADER.search(member.metrics_text())
-    return found is not None and float(found.group(1)) == 1.0
-
-
-def leaders(members: list[LocalEtcd]) -> list[LocalEtcd]:
-    return [member for member in members if member.is_running() and is_leader(member)]
-
-
 def test_rendezvous_completes_when_the_etcd_leader_is_killed_mid_join(
-    tmp_path: Path, cluster: LocalEtcdCluster, etcd_api: str, run_id: str
+    tmp_path: Path, etcd_cluster: LocalEtcdCluster, etcd_api: str, run_id: str
 ) -> None:
-    wait_until("the cluster has one leader", lambda: len(leaders(cluster.members)) == 1, 15)
-    (leader,) = leaders(cluster.members)
-    followers = [member for member in cluster.members if member is not leader]
+    wait_until(
+        "the cluster has one leader", lambda: len(etcd_leaders(etcd_cluster.members)) == 1, 15
+    )
+    (leader,) = etcd_leaders(etcd_cluster.members)
+    followers = [member for member in etcd_cluster.members if member is not leader]
     # The leader first: every agent prefers it, so losing it forces each to fail over.
     endpoints = ",".join(member.endpoint for member in [leader, *followers])
     kv = open_kv(endpoints, etcd_api, request_timeout=REQUEST_TIMEOUT)
@@ -214,7 +177,7 @@ def test_rendezvous_completes_when_the_etcd_leader_is_killed_mid_join(
             killed = time.monotonic()
             third.send({"cmd": "rendezvous"})
             results, recovery = collect([first, second, third], killed)
-            new_leaders = leaders(followers)
+            new_leaders = etcd_leaders(followers)
     finally:
         kv.close()
     assert_one_membership_of_three(results)

@@ -544,6 +544,22 @@ def rendezvous_together(participants: Iterable[Participant], timeout: float) -> 
     return [p.expect_rendezvous(max(0.0, deadline - time.monotonic())) for p in chosen]
 
 
+def logged_events(node: Participant, name: str | None = None) -> list[JsonDict]:
+    """The structlog JSON events in a participant's stderr log (other lines skipped); with
+    `name`, only the events of that name."""
+    events = []
+    for line in node.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "event" in event and name in (None, event["event"]):
+            events.append(event)
+    return events
+
+
 def joined_ranks(kv: KeyValue, run_id: str) -> list[int] | None:
     """The ranks taken in the run's current version, in either layout (under claims, over v3,
     the joinable document does not list them); None while there is no state."""

@@ -165,8 +165,10 @@ class MetricsObserver(Observer):
         for outcome in ("ok", "timeout", "closed", "error"):
             self._series(self._m.rendezvous_duration, outcome)
         for kind in ("rank", "run"):
-            for result in ("ok", "failed", "restored"):
+            for result in ("ok", "failed"):
                 self._series(self._m.lease_refreshes, kind, result)
+        # Only members' rank keys are re-created after an outage (see leases.KeepAlive).
+        self._series(self._m.lease_refreshes, "rank", "restored")
         for call in ("num_nodes_waiting", "is_closed", "shutdown"):
             self._series(self._m.unanswered_calls, call)
         self._series(self._m.closed_while_training)
