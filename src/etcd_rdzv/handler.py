@@ -37,7 +37,7 @@ ETCD_FAILURES = (EtcdUnavailableError, EtcdRejectedError, CorruptStateError, KvE
 
 # The key torch's agent sets in the rendezvous store when the last member has reached its exit
 # barrier: every member's workers finished (torch's `_TERMINAL_STATE_SYNC_ID` followed by
-# `_LAST_MEMBER_CHECKIN`; tests/unit/test_handler_outages.py checks they still match).
+# `_LAST_MEMBER_CHECKIN`; tests/unit/test_outages_while_training.py checks they still match).
 EXIT_BARRIER_DONE = "torchelastic/agent/terminal_state/last_member"
 
 

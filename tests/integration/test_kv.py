@@ -1,4 +1,9 @@
-"""The key-value contract, the same for both transports (v2 and v3), against a real etcd."""
+"""The key-value contract: one suite, three implementations.
+
+Both transports against a real etcd (`v3`, and `v2` with the v2 API on), and the in-memory
+etcd (`memory`, `etcd_rdzv.kv.memory`), which follows the v3 transport: what it must do, it
+must do exactly as etcd does, or it is a test double that lies.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,81 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
+from etcd_rdzv.kv.memory import MemoryEtcd
 from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
-from etcd_rdzv.telemetry import Observer
-from tests.conftest import etcd_keys, only_etcd_api, open_kv
+from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
+from tests.conftest import etcd_keys, open_kv
+
+IMPLEMENTATIONS = ("v3", "v2", "memory")
+# Multi-key transactions: etcd's v3 API, and the in-memory etcd that follows it.
+with_claims = pytest.mark.parametrize("etcd_api", ["v3", "memory"], indirect=True)
+v2_only = pytest.mark.parametrize("etcd_api", ["v2"], indirect=True)
+
+
+@pytest.fixture(scope="session", params=IMPLEMENTATIONS)
+def etcd_api(request: pytest.FixtureRequest) -> str:
+    """Overrides the suite's: here the in-memory etcd is a third implementation."""
+    return str(request.param)
+
+
+@dataclass
+class Implementation:
+    """One implementation of the contract, and what the tests ask its server directly."""
+
+    api: str
+    server: LocalEtcd | MemoryEtcd
+
+    def client(self, observer: Observer = NOOP_OBSERVER) -> KeyValue:
+        if isinstance(self.server, MemoryEtcd):
+            return self.server.client(observer)
+        return open_kv(self.server, self.api, observer=observer)
+
+    def keys(self, prefix: str) -> set[str]:
+        """The keys below `prefix` as the server lists them (for etcd: `etcdctl`)."""
+        if isinstance(self.server, MemoryEtcd):
+            return self.server.keys(prefix)
+        return etcd_keys(self.server, self.api, prefix)
+
+    def compact(self, revision: int) -> None:
+        if isinstance(self.server, MemoryEtcd):
+            self.server.compact(revision)
+            return
+        body = json.dumps({"revision": str(revision), "physical": True}).encode()
+        compact = urllib.request.Request(f"{self.server.client_url}/v3/kv/compaction", data=body)
+        with urllib.request.urlopen(compact, timeout=10) as answer:
+            assert answer.status == 200
+
+    def unreachable(self) -> tuple[KeyValue, str]:
+        """A client whose etcd does not answer, and what its errors name."""
+        if isinstance(self.server, MemoryEtcd):
+            gone = MemoryEtcd()
+            gone.faults.unavailable = True
+            return gone.client(), "memory"
+        endpoint = f"127.0.0.1:{free_loopback_ports(1)[0]}"
+        return open_kv(endpoint, self.api, request_timeout=1.0), endpoint
+
+
+@pytest.fixture
+def implementation(etcd_api: str, request: pytest.FixtureRequest) -> Implementation:
+    if etcd_api == "memory":
+        return Implementation("memory", MemoryEtcd())
+    return Implementation(etcd_api, request.getfixturevalue("etcd"))
+
+
+@pytest.fixture
+def kv(implementation: Implementation) -> Iterator[KeyValue]:
+    client = implementation.client()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -50,7 +122,7 @@ def test_compare_and_swap_and_delete_compare_revisions(kv: KeyValue, base: str) 
         kv.compare_and_swap(f"{base}/k", "x", second)
 
 
-@only_etcd_api("v3")
+@with_claims
 def test_refusals_over_v3_carry_what_the_key_holds(kv: KeyValue, base: str) -> None:
     held = kv.create(f"{base}/a", "1")
     with pytest.raises(AlreadyExists) as exists:
@@ -64,7 +136,7 @@ def test_refusals_over_v3_carry_what_the_key_holds(kv: KeyValue, base: str) -> N
     assert (lost.value.current.value, lost.value.current.revision) == ("3", moved.revision)
 
 
-@only_etcd_api("v3")
+@with_claims
 def test_claims_count_their_queue_and_fail_together_when_the_guard_moves(
     kv: KeyValue, base: str
 ) -> None:
@@ -87,7 +159,7 @@ def test_claims_count_their_queue_and_fail_together_when_the_guard_moves(
     assert kv.list(f"{base}/joined").keys == {f"{queue}{name}" for name in "abc"}
 
 
-@only_etcd_api("v3")
+@with_claims
 def test_concurrent_claims_take_every_position_exactly_once(kv: KeyValue, base: str) -> None:
     guard = kv.put(f"{base}/state", "joinable")
     queue = f"{base}/joined/"
@@ -104,7 +176,7 @@ def test_concurrent_claims_take_every_position_exactly_once(kv: KeyValue, base: 
     assert sorted(positions) == list(range(1, 17))
 
 
-@only_etcd_api("v2")
+@v2_only
 def test_v2_has_no_claims(kv: KeyValue, base: str) -> None:
     assert not kv.supports_claims
     guard = kv.put(f"{base}/state", "joinable")
@@ -122,15 +194,16 @@ def test_list_shows_direct_children_only(kv: KeyValue, base: str) -> None:
     assert {e.key: e.value for e in listing.entries} == {f"{base}/dir/a": "1", f"{base}/dir/b": "2"}
 
 
-def test_a_ttl_key_expires_unless_refreshed(kv: KeyValue, base: str, etcd: LocalEtcd,
-                                            etcd_api: str) -> None:  # fmt: skip
+def test_a_ttl_key_expires_unless_refreshed(
+    kv: KeyValue, base: str, implementation: Implementation
+) -> None:
     kv.put(f"{base}/kept", "v", ttl=2)
     kv.put(f"{base}/dropped", "v", ttl=2)
     entry = kv.get(f"{base}/kept")
     left = kv.time_left(entry)
     assert left is not None and 0 < left <= 3
     deadline = time.monotonic() + 10
-    while f"{base}/dropped" in etcd_keys(etcd, etcd_api, base):
+    while f"{base}/dropped" in implementation.keys(base):
         assert time.monotonic() < deadline, "a TTL key outlived its TTL by far"
         kv.refresh(f"{base}/kept", 2)
         time.sleep(0.3)
@@ -152,29 +225,27 @@ def test_refreshing_an_expired_key_says_it_is_gone(kv: KeyValue, base: str) -> N
 
 
 def test_a_directory_with_a_ttl_takes_its_untimed_keys_along(
-    kv: KeyValue, base: str, etcd: LocalEtcd, etcd_api: str
+    kv: KeyValue, base: str, implementation: Implementation
 ) -> None:
     run = f"{base}/run"
     kv.ensure_directory(run, ttl=2)
     kv.ensure_directory(run, ttl=2)  # idempotent
     kv.put(f"{run}/rdzv/version_counter", "1")
     kv.create(f"{run}/rdzv/active_version", "{}")
-    assert {f"{run}/rdzv/version_counter", f"{run}/rdzv/active_version"} <= etcd_keys(
-        etcd, etcd_api, run
-    )
+    assert {f"{run}/rdzv/version_counter", f"{run}/rdzv/active_version"} <= implementation.keys(run)
     deadline = time.monotonic() + 10
-    while etcd_keys(etcd, etcd_api, f"{run}/"):
+    while implementation.keys(f"{run}/"):
         assert time.monotonic() < deadline, "keys outlived their directory's TTL"
         time.sleep(0.2)
 
 
 def test_another_client_keeps_a_directory_alive(
-    kv: KeyValue, base: str, etcd: LocalEtcd, etcd_api: str
+    kv: KeyValue, base: str, implementation: Implementation
 ) -> None:
     run = f"{base}/run"
     kv.ensure_directory(run, ttl=2)
     kv.put(f"{run}/key", "v")
-    other = open_kv(etcd, etcd_api)
+    other = implementation.client()
     try:
         other.ensure_directory(run, ttl=2)
         for _ in range(12):  # 3.6 s, past the TTL
@@ -218,12 +289,13 @@ def test_values_are_text_exactly(kv: KeyValue, base: str) -> None:
     assert kv.get(f"{base}/text").value == text
 
 
-def test_unreachable_etcd_is_a_clear_error_within_the_timeout(etcd_api: str) -> None:
-    endpoint = f"127.0.0.1:{free_loopback_ports(1)[0]}"
-    kv = open_kv(endpoint, etcd_api, request_timeout=1.0)
+def test_unreachable_etcd_is_a_clear_error_within_the_timeout(
+    implementation: Implementation,
+) -> None:
+    kv, named = implementation.unreachable()
     started = time.monotonic()
     try:
-        with pytest.raises(EtcdUnavailableError, match=endpoint):
+        with pytest.raises(EtcdUnavailableError, match=named):
             kv.get("/anything")
     finally:
         kv.close()
@@ -238,11 +310,11 @@ class RequestLog(Observer):
         self.requests.append((operation, result))
 
 
-def test_refusals_are_counted_alike_by_both_transports(
-    etcd: LocalEtcd, etcd_api: str, base: str
+def test_refusals_are_counted_alike_by_every_implementation(
+    implementation: Implementation, base: str
 ) -> None:
     log = RequestLog()
-    kv = open_kv(etcd, etcd_api, observer=log)
+    kv = implementation.client(observer=log)
     try:
         first = kv.put(f"{base}/m", "1")
         kv.put(f"{base}/m", "2")
@@ -262,19 +334,16 @@ def test_refusals_are_counted_alike_by_both_transports(
     }
 
 
-@only_etcd_api("v3")
+@with_claims
 def test_a_watch_into_compacted_history_returns_nothing_for_a_re_read(
-    base: str, etcd: LocalEtcd, etcd_api: str
+    base: str, implementation: Implementation
 ) -> None:
     log = RequestLog()
-    kv = open_kv(etcd, etcd_api, observer=log)
+    kv = implementation.client(observer=log)
     try:
         first = kv.put(f"{base}/c", "1")
         latest = kv.put(f"{base}/c", "2")
-        body = json.dumps({"revision": str(latest.revision), "physical": True}).encode()
-        compact = urllib.request.Request(f"{etcd.client_url}/v3/kv/compaction", data=body)
-        with urllib.request.urlopen(compact, timeout=10) as answer:
-            assert answer.status == 200
+        implementation.compact(latest.revision)
         # The first write is gone from etcd's history: the caller must read again. (A single
         # key's watch reads the key at once instead, so watch the directory.)
         assert kv.watch(base, first.revision - 1, timeout=30, recursive=True) is None
