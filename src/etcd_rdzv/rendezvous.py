@@ -29,7 +29,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from etcd_rdzv import protocol
@@ -53,7 +54,7 @@ from etcd_rdzv.kv import (
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline
-from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Phase, PhaseScope
+from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Outcome, Phase, PhaseScope
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class EtcdRendezvous:
     def next_rendezvous(self) -> Membership:
         """Block until this node is a confirmed participant of a final version."""
         deadline = Deadline(self.config.timeout)
-        with self._observer.phase(Phase.RENDEZVOUS) as scope:
+        with self._phase(Phase.RENDEZVOUS) as scope:
             attempt = 0
             last_problem = "no state seen yet"
             while not deadline.expired():
@@ -207,7 +208,7 @@ class EtcdRendezvous:
             )
 
     def _attempt(self, deadline: Deadline, attempt: int) -> Membership:
-        with self._observer.phase(Phase.SETUP, attempt=attempt + 1) as scope:
+        with self._phase(Phase.SETUP, attempt=attempt + 1) as scope:
             entry, state = self._create_or_observe()
             scope.annotate(version=state.version, state=state.status.value)
             if state.status in (Status.SETUP, Status.FROZEN):
@@ -231,13 +232,13 @@ class EtcdRendezvous:
         self._enter_version(version, snapshot[1])
         if self._kv.supports_claims:
             return self._take_part_by_claims(version, snapshot, deadline)
-        with self._observer.phase(Phase.JOIN, version=version) as scope:
+        with self._phase(Phase.JOIN, version=version) as scope:
             joined, snapshot = self._join(version, snapshot, deadline, scope)
             scope.annotate(rank=joined.rank, participants=joined.state.world_size)
         if joined.holds_last_call:
-            with self._observer.phase(Phase.LAST_CALL, version=version, rank=joined.rank):
+            with self._phase(Phase.LAST_CALL, version=version, rank=joined.rank):
                 snapshot = self._hold_last_call(version, snapshot, deadline)
-        with self._observer.phase(Phase.FROZEN_WAIT, version=version, rank=joined.rank) as scope:
+        with self._phase(Phase.FROZEN_WAIT, version=version, rank=joined.rank) as scope:
             snapshot = self._await(
                 snapshot,
                 Phase.FROZEN_WAIT,
@@ -246,7 +247,7 @@ class EtcdRendezvous:
                 deadline=deadline,
             )
             scope.annotate(participants=snapshot[1].world_size)
-        with self._observer.phase(Phase.CONFIRM, version=version, rank=joined.rank):
+        with self._phase(Phase.CONFIRM, version=version, rank=joined.rank):
             snapshot = self._confirm(version, joined.rank, deadline)
         return self._await_final(version, joined.rank, snapshot, deadline)
 
@@ -254,7 +255,7 @@ class EtcdRendezvous:
         self, version: int, snapshot: Snapshot, deadline: Deadline
     ) -> Membership:
         """The same phases, joining and confirming by claims (etcd v3)."""
-        with self._observer.phase(Phase.JOIN, version=version) as scope:
+        with self._phase(Phase.JOIN, version=version) as scope:
             claimed = self._claim_rank(version, snapshot)
             if claimed.too_late:
                 scope.annotate(participants=self.config.max_nodes)
@@ -267,15 +268,15 @@ class EtcdRendezvous:
             raise _StartOver(Phase.JOIN, "version_full", f"version {version} filled up first")
         rank = claimed.rank
         if claimed.holds_last_call:
-            with self._observer.phase(Phase.LAST_CALL, version=version, rank=rank):
+            with self._phase(Phase.LAST_CALL, version=version, rank=rank):
                 snapshot = self._hold_last_call(version, snapshot, deadline)
-        with self._observer.phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
+        with self._phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
             snapshot = self._await_freeze(version, snapshot, claimed, deadline)
             scope.annotate(participants=snapshot[1].world_size)
         if rank >= snapshot[1].world_size:
             # Its claim came after the last-call holder counted the claims and froze.
             raise _StartOver(Phase.FROZEN_WAIT, "version_full", f"version {version} froze first")
-        with self._observer.phase(Phase.CONFIRM, version=version, rank=rank):
+        with self._phase(Phase.CONFIRM, version=version, rank=rank):
             snapshot = self._claim_confirmation(version, rank, snapshot)
         return self._await_final(version, rank, snapshot, deadline)
 
@@ -283,7 +284,7 @@ class EtcdRendezvous:
         self, version: int, rank: int, snapshot: Snapshot, deadline: Deadline
     ) -> Membership:
         """Final wait, in either layout; rank 0 publishes what the others need meanwhile."""
-        with self._observer.phase(Phase.FINAL_WAIT, version=version, rank=rank):
+        with self._phase(Phase.FINAL_WAIT, version=version, rank=rank):
             if rank == 0 and self._on_rank_zero is not None:
                 self._on_rank_zero(version)
             _, state = self._await(
@@ -609,7 +610,7 @@ class EtcdRendezvous:
         version = final.version
         assert version is not None
         self._enter_version(version, final)
-        with self._observer.phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
+        with self._phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
             entry, state = self._announce_waiting(version, snapshot, deadline)
             scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
             while state.is_version(Status.FINAL, version):
@@ -810,6 +811,19 @@ class EtcdRendezvous:
                 state.version, before[1] if before else None, now[1], state.world_size, made
             )
 
+    # --- phases, as the observer sees them ----------------------------------------------------
+
+    @contextmanager
+    def _phase(self, phase: Phase, **attributes: object) -> Iterator[PhaseScope]:
+        """The observer's phase, told how it ends: the protocol knows its own exceptions, so
+        no observer has to guess the outcome from one."""
+        with self._observer.phase(phase, **attributes) as scope:
+            try:
+                yield scope
+            except BaseException as error:
+                scope.end(_outcome(phase, error))
+                raise
+
     # --- the context all nodes of a version share --------------------------------------------
 
     def _enter_version(self, version: int, state: RendezvousState) -> None:
@@ -941,6 +955,18 @@ def _describe(state: RendezvousState) -> str:
     if state.version is None:
         return state.status.value
     return f"version {state.version} {state.status.value} with {state.world_size} participants"
+
+
+def _outcome(phase: Phase, error: BaseException) -> Outcome:
+    """How an exception ends `phase`: a sub-phase either starts over or fails; a whole
+    rendezvous times out, finds the run closed, or fails."""
+    if phase is not Phase.RENDEZVOUS:
+        return Outcome.RETRY if isinstance(error, _StartOver) else Outcome.ERROR
+    if isinstance(error, RendezvousTimeoutError):
+        return Outcome.TIMEOUT
+    if isinstance(error, RendezvousClosedError):
+        return Outcome.CLOSED
+    return Outcome.ERROR
 
 
 def _reason(error: Exception) -> str:

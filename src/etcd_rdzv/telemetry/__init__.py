@@ -10,13 +10,21 @@ from etcd_rdzv.config import RendezvousConfig
 from etcd_rdzv.telemetry.export import build_tracer_provider, shutdown_provider
 from etcd_rdzv.telemetry.logging import LoggingObserver, configure_logging
 from etcd_rdzv.telemetry.metrics import MetricsObserver, MetricsServer, RendezvousMetrics
-from etcd_rdzv.telemetry.observer import NOOP_OBSERVER, FanOut, Observer, Phase, PhaseScope
+from etcd_rdzv.telemetry.observer import (
+    NOOP_OBSERVER,
+    FanOut,
+    Observer,
+    Outcome,
+    Phase,
+    PhaseScope,
+)
 from etcd_rdzv.telemetry.tracing import TracingObserver, node_identity
 
 __all__ = [
     "NOOP_OBSERVER",
     "FanOut",
     "Observer",
+    "Outcome",
     "Phase",
     "PhaseScope",
     "Telemetry",

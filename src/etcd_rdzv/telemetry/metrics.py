@@ -180,13 +180,12 @@ class MetricsObserver(Observer):
             self._phases.append(phase)
             self._m.current_phase.enter(self._run_id, phase.value)
         started = time.monotonic()
-        outcome = "ok"
+        failed = True
         try:
             yield scope
-        except BaseException as error:
-            outcome = _outcome(phase, error)
-            raise
+            failed = False
         finally:
+            outcome = scope.ended(failed).value
             elapsed = time.monotonic() - started
             exemplar = _exemplar()
             if phase is Phase.RENDEZVOUS:
@@ -297,18 +296,6 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-def _outcome(phase: Phase, error: BaseException) -> str:
-    if phase is not Phase.RENDEZVOUS:
-        # Phases end in exceptions when the state moved on: the rendezvous starts over.
-        return "retry" if type(error).__name__ == "_StartOver" else "error"
-    name = type(error).__name__
-    if name == "RendezvousTimeoutError":
-        return "timeout"
-    if name == "RendezvousClosedError":
-        return "closed"
-    return "error"
 
 
 def _exemplar() -> dict[str, str] | None:

@@ -28,8 +28,35 @@ class Phase(str, enum.Enum):
     WAIT_NEXT_VERSION = "wait_next_version"  # an earlier version is final: wait to join the next
 
 
+class Outcome(str, enum.Enum):
+    """How a phase ended, as the protocol says it: observers never guess it from an exception.
+
+    A sub-phase ends `ok` or `retry` (the state moved on; the rendezvous starts over) or
+    `error`; a whole rendezvous ends `ok`, `timeout`, `closed` or `error`.
+    """
+
+    OK = "ok"
+    RETRY = "retry"
+    TIMEOUT = "timeout"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
 class PhaseScope:
     """What code inside a phase may add to it."""
+
+    # Set by `end`; a phase left without one ended `ok`, or `error` if an exception left it.
+    outcome: Outcome | None = None
+
+    def end(self, outcome: Outcome) -> None:
+        """Say how the phase ends, just before leaving it (the protocol does, once)."""
+        self.outcome = outcome
+
+    def ended(self, failed: bool) -> Outcome:
+        """The outcome said, or the one leaving without saying means."""
+        if self.outcome is not None:
+            return self.outcome
+        return Outcome.ERROR if failed else Outcome.OK
 
     def annotate(self, **attributes: Any) -> None:
         """Attach attributes (version, rank, participants seen, ...)."""
@@ -38,7 +65,12 @@ class PhaseScope:
         """Record something that happened inside the phase (a state change seen, a retry)."""
 
 
-_NOOP_SCOPE = PhaseScope()
+class _NoopScope(PhaseScope):
+    def end(self, outcome: Outcome) -> None:
+        pass  # shared by every phase of the no-op observer: it keeps nothing
+
+
+_NOOP_SCOPE = _NoopScope()
 
 
 class Observer:
@@ -243,6 +275,14 @@ class _FanOutScope(PhaseScope):
     ) -> None:
         self._scopes = scopes
         self._failed = failed
+
+    def end(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        for scope in self._scopes:
+            try:
+                scope.end(outcome)
+            except Exception as error:
+                self._failed("end", error)
 
     def annotate(self, **attributes: Any) -> None:
         for scope in self._scopes:

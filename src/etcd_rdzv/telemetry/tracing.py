@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from etcd_rdzv.telemetry.observer import Observer, Phase, PhaseScope
+from etcd_rdzv.telemetry.observer import Observer, Outcome, Phase, PhaseScope
 
 SPAN_PREFIX = "rendezvous"
 VERSION_SPAN = "rendezvous.version"
@@ -74,10 +74,11 @@ class TracingObserver(Observer):
             if phase is Phase.RENDEZVOUS:
                 with self._lock:
                     self._rendezvous_span, self._linked = span, set()
+            scope = _SpanScope(span)
             try:
-                yield _SpanScope(span)
+                yield scope
             except BaseException as error:
-                _end_with(span, phase, error)
+                _end_with(span, scope.ended(failed=True), error)
                 raise
             finally:
                 if phase is Phase.RENDEZVOUS:
@@ -147,8 +148,8 @@ class _SpanScope(PhaseScope):
         self._span.add_event(name, _attributes(attributes))
 
 
-def _end_with(span: Span, phase: Phase, error: BaseException) -> None:
-    if type(error).__name__ == "_StartOver" and phase is not Phase.RENDEZVOUS:
+def _end_with(span: Span, outcome: Outcome, error: BaseException) -> None:
+    if outcome is Outcome.RETRY:
         # Not a failure: the state moved on and the rendezvous starts over.
         span.set_attribute("rdzv.outcome", "retry")
         span.add_event("start_over", {"rdzv.reason": str(error)})
