@@ -19,7 +19,7 @@ from typing import Any, Literal
 import structlog
 from opentelemetry import trace
 
-from etcd_rdzv.telemetry.observer import Observer, Phase, PhaseScope
+from etcd_rdzv.telemetry.observer import Observer, Outcome, Phase, PhaseScope
 
 LOGGER_NAME = "etcd_rdzv"
 EVENT_LOGGER_NAME = "etcd_rdzv.events"
@@ -110,13 +110,14 @@ class LoggingObserver(Observer):
         if phase is Phase.LAST_CALL:
             self._log.info("last_call_started", **scope.fields)
         self._progress.enter(phase, scope)
+        # Progress stops before the outcome is logged: no "waiting" line after the last word.
         try:
             yield scope
         except BaseException as error:
-            self._phase_failed(phase, scope, error, time.monotonic() - started)
-            raise
-        finally:
             self._progress.leave(phase)
+            self._phase_failed(phase, scope.ended(failed=True), scope, error, started)
+            raise
+        self._progress.leave(phase)
         seconds = round(time.monotonic() - started, 6)
         if phase is Phase.JOIN:
             self._log.info("joined", seconds=seconds, **scope.fields)
@@ -195,16 +196,25 @@ class LoggingObserver(Observer):
         )
 
     def _phase_failed(
-        self, phase: Phase, scope: _LogScope, error: BaseException, seconds: float
+        self,
+        phase: Phase,
+        outcome: Outcome,
+        scope: _LogScope,
+        error: BaseException,
+        started: float,
     ) -> None:
         if phase is not Phase.RENDEZVOUS:
             return  # a phase ending early is a retry, logged as one
-        name = type(error).__name__
         event = {
-            "RendezvousTimeoutError": "rendezvous_timeout",
-            "RendezvousClosedError": "rendezvous_rejected_closed",
-        }.get(name, "rendezvous_failed")
-        self._log.error(event, seconds=round(seconds, 6), error=f"{name}: {error}", **scope.fields)
+            Outcome.TIMEOUT: "rendezvous_timeout",
+            Outcome.CLOSED: "rendezvous_rejected_closed",
+        }.get(outcome, "rendezvous_failed")
+        self._log.error(
+            event,
+            seconds=round(time.monotonic() - started, 6),
+            error=f"{type(error).__name__}: {error}",
+            **scope.fields,
+        )
 
 
 class _Progress:
@@ -260,22 +270,23 @@ class _Progress:
                 return
 
     def _log_waiting(self) -> None:
+        # Written under the lock: once `leave` took the phase away, no line about it follows.
         with self._lock:
             if not self._phases:
                 return
             _, _, began = self._phases[0]
             phase, scope, since = self._phases[-1]
             fields = dict(scope.fields)
-        now = time.monotonic()
-        # The state read last, not the phase's start: joins since then count.
-        fields["participants"] = self.participants
-        self._log.info(
-            "rendezvous_waiting",
-            **{**fields, "phase": phase.value},
-            **{k: v for k, v in self._needed.items() if v is not None},
-            phase_seconds=round(now - since, 1),
-            seconds=round(now - began, 1),
-        )
+            now = time.monotonic()
+            # The state read last, not the phase's start: joins since then count.
+            fields["participants"] = self.participants
+            self._log.info(
+                "rendezvous_waiting",
+                **{**fields, "phase": phase.value},
+                **{k: v for k, v in self._needed.items() if v is not None},
+                phase_seconds=round(now - since, 1),
+                seconds=round(now - began, 1),
+            )
 
 
 class _LogScope(PhaseScope):
