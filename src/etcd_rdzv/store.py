@@ -114,13 +114,7 @@ class EtcdStore(Store):
 
     def check(self, keys: list[str]) -> bool:
         wanted = {self._path(key) for key in keys}
-        return wanted <= self._patiently(self._present_keys)
-
-    def _present_keys(self) -> frozenset[str]:
-        try:
-            return self._kv.list(self.prefix.rstrip("/")).keys
-        except KeyNotFound:
-            return frozenset()
+        return wanted <= self._patiently(self._values)[0].keys()
 
     def holds(self, key: str) -> bool:
         """Whether `key` is set now: one read, no waiting, and etcd's failures raised."""
@@ -134,7 +128,7 @@ class EtcdStore(Store):
         self.wait_for_values(keys, timeout or self.timeout)
 
     def num_keys(self) -> int:
-        return len(self._patiently(self._present_keys))
+        return len(self._patiently(self._values)[0])
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
         return self.wait_for_values(keys, self.timeout)
