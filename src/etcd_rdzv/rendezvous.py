@@ -136,6 +136,8 @@ class EtcdRendezvous:
         self._run_keep_alive: KeepAlive | None = None
         self._rank_keep_alive: KeepAlive | None = None
         self._last_seen: tuple[int | None, str] | None = None
+        # Under claims a joinable document lists nobody: the claims this node counted last.
+        self._claims_counted: tuple[int, int] | None = None  # (version, claims)
         self._lock = threading.Lock()
         # Names this node's join claims; unique per process and per rendezvous object.
         self._claimant = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -403,9 +405,8 @@ class EtcdRendezvous:
             # An earlier claim of ours applied though its answer was lost: find its place.
             position = self._position_of(key, self.paths.join_claims(version))
         claimed = protocol.claimed_rank(position, self.config.min_nodes, self.config.max_nodes)
-        self._observer.state_seen(
-            version, Status.JOINABLE.value, min(position, self.config.max_nodes)
-        )
+        self._count_claims(version, position)
+        self._observer.state_seen(version, Status.JOINABLE.value, self._participants(state))
         return claimed
 
     def _position_of(self, key: str, queue: str) -> int:
@@ -567,6 +568,7 @@ class EtcdRendezvous:
         if state.is_version(Status.FROZEN, version):
             return entry, state  # the claim that filled the version froze it
         claims = len(self._kv.list(self.paths.join_claims(version)).entries)
+        self._count_claims(version, claims)
         world_size = min(claims, self.config.max_nodes)
         return self._freeze(version, (entry, state), Phase.LAST_CALL, world_size)
 
@@ -779,9 +781,32 @@ class EtcdRendezvous:
     def _with_participants(self, state: RendezvousState) -> RendezvousState:
         """`state` listing who joined, for messages: under claims, one more read."""
         try:
-            return with_claimed_participants(self._kv, self.paths, state)
+            listed = with_claimed_participants(self._kv, self.paths, state)
         except (KvError, EtcdUnavailableError):
             return state
+        if listed is not state and state.version is not None:
+            self._count_claims(state.version, listed.world_size)
+        return listed
+
+    def _count_claims(self, version: int, claims: int) -> None:
+        counted = self._claims_counted
+        if counted is None or counted[0] != version or counted[1] < claims:
+            # Claims are never deleted while their version lasts: a count only grows.
+            self._claims_counted = (version, claims)
+
+    def _participants(self, state: RendezvousState) -> int:
+        """Participants of `state` as far as this node knows: the document's, or under claims,
+        where a joinable document lists nobody, the claims it counted last (those that came
+        since are unknown to it until it counts again)."""
+        counted = self._claims_counted
+        if (
+            state.status is Status.JOINABLE
+            and not state.participants
+            and counted is not None
+            and counted[0] == state.version
+        ):
+            return min(counted[1], self.config.max_nodes)
+        return state.world_size
 
     def _state_after(self, refusal: AlreadyExists | CompareFailed, phase: Phase) -> Snapshot:
         """The state a refused write found: from the refusal when it tells (v3), else read."""
@@ -802,13 +827,14 @@ class EtcdRendezvous:
         return state
 
     def _see(self, state: RendezvousState, made: bool = False) -> None:
-        self._observer.state_seen(state.version, state.status.value, state.world_size)
+        participants = self._participants(state)
+        self._observer.state_seen(state.version, state.status.value, participants)
         now = (state.version, state.status.value)
         before = self._last_seen
         if before != now:
             self._last_seen = now
             self._observer.transition(
-                state.version, before[1] if before else None, now[1], state.world_size, made
+                state.version, before[1] if before else None, now[1], participants, made
             )
 
     # --- phases, as the observer sees them ----------------------------------------------------
