@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test soak bench lint typecheck unit setup debian-packages clean
 
 demo: setup
-	$(BIN)/python -m etcd_rdzv.demo
+	$(BIN)/python -m etcd_rdzv_devtools.demo
 
 test: setup lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -32,9 +32,11 @@ bench: setup
 unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+# lint-imports proves the seams (pyproject.toml, [tool.importlinter]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
@@ -53,10 +55,12 @@ debian-packages:
 
 # torch is pinned here, before the project, so that pip takes the CPU build on this disk
 # instead of resolving the package's range to a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The development tools (devtools/: a local etcd, the demo) are a package of their own.
+$(VENV)/.installed: pyproject.toml devtools/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e ./devtools
 	touch $@
 
 clean:

@@ -36,7 +36,7 @@ from benchmarks.rounds import (  # noqa: E402
     run_round,
 )
 from benchmarks.summary import judge, summarize, telemetry_costs  # noqa: E402
-from etcd_rdzv.local_etcd import start_local_etcd  # noqa: E402
+from etcd_rdzv_devtools.local_etcd import start_local_etcd  # noqa: E402
 
 DEFAULT_NODES = (2, 8, 32, 64, 128, 256)
 

@@ -34,7 +34,7 @@ from benchmarks.pool import (
     system_memory_used,
 )
 from benchmarks.worker import Done, Finish, Finished, NodeResult, NodeSpec, Prepare, Ready
-from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 
 TELEMETRY_OFF = {"metrics_port": "off", "log_level": "WARNING", "progress_interval": "off"}
 # Telemetry on is the defaults plus a trace file per node and metrics on a free loopback port

@@ -21,14 +21,14 @@ import pytest
 
 from etcd_rdzv.config import RendezvousConfig, parse_endpoints, parse_etcd_api
 from etcd_rdzv.kv import KeyValue, connect
-from etcd_rdzv.local_etcd import (
+from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
+from etcd_rdzv_devtools.local_etcd import (
     LocalEtcd,
     LocalEtcdCluster,
     ServerTls,
     start_local_etcd,
     start_local_etcd_cluster,
 )
-from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
 
 ETCD_APIS = ("v3", "v2")
 

@@ -13,11 +13,13 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from torch.distributed.elastic.rendezvous import RendezvousParameters
+from typing import TYPE_CHECKING, Any, Literal
 
 from etcd_rdzv.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    # Only its attributes are read: `etcd-rdzv status` builds a config without loading torch.
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,25 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
     RendezvousStoreInfo,
-    RendezvousTimeoutError,
 )
 
 from etcd_rdzv import protocol
+from etcd_rdzv.agent_errors import raised_for_torch
 from etcd_rdzv.config import RendezvousConfig
-from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError, EtcdUnavailableError
+from etcd_rdzv.errors import (
+    CorruptStateError,
+    EtcdRejectedError,
+    EtcdUnavailableError,
+    RendezvousTimeoutError,
+)
 from etcd_rdzv.kv import KeyNotFound, KeyValue, KvError, connect
+from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv.protocol import RendezvousState, Status
-from etcd_rdzv.rendezvous import EtcdRendezvous, Membership, RunPaths
+from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
 from etcd_rdzv.retry import Deadline, retry_while_failing
 from etcd_rdzv.store import EtcdStore
-from etcd_rdzv.telemetry import Observer, Phase, build_telemetry
+from etcd_rdzv.telemetry import Observer, Phase
+from etcd_rdzv.telemetry.agent import build_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,9 @@ class MasterAddress:
 
 
 class EtcdRdzvHandler(RendezvousHandler):
+    """What torch calls. Every method torch calls raises etcd-rdzv's errors as torch's
+    (`raised_for_torch`): the protocol below raises torch-free ones."""
+
     def __init__(
         self,
         rendezvous: EtcdRendezvous,
@@ -141,6 +151,7 @@ class EtcdRdzvHandler(RendezvousHandler):
     def get_backend(self) -> str:
         return BACKEND_NAME
 
+    @raised_for_torch()
     def next_rendezvous(self) -> RendezvousInfo:
         config = self._rendezvous.config
         deadline = Deadline(config.timeout)
@@ -196,6 +207,7 @@ class EtcdRdzvHandler(RendezvousHandler):
 
     # --- what torch calls while the workers train: never raises for etcd's sake ---------------
 
+    @raised_for_torch()
     def is_closed(self) -> bool:
         """Whether the run is closed; while etcd does not answer, the last answer (torch's
         own backend raises instead)."""
@@ -204,9 +216,11 @@ class EtcdRdzvHandler(RendezvousHandler):
             self._closed_seen = state is not None and state.status is Status.CLOSED
         return self._closed_seen
 
+    @raised_for_torch()
     def set_closed(self) -> None:
         self._rendezvous.set_closed()
 
+    @raised_for_torch()
     def num_nodes_waiting(self) -> int:
         """Nodes waiting for this node's version to end (torch restarts its workers when
         positive); 0 while etcd does not answer: no node can join without etcd, so none
@@ -227,6 +241,7 @@ class EtcdRdzvHandler(RendezvousHandler):
     def get_run_id(self) -> str:
         return self._rendezvous.config.run_id
 
+    @raised_for_torch()
     def shutdown(self) -> bool:
         """Leave the run: stop this node's keep-alives, and close the run, unless other members
         of its final version still train or etcd does not answer. torch's backends close it
@@ -274,6 +289,7 @@ class EtcdRdzvHandler(RendezvousHandler):
         return True, state
 
 
+@raised_for_torch()
 def create_handler(
     params: RendezvousParameters, observer: Observer | None = None
 ) -> EtcdRdzvHandler:

@@ -22,7 +22,6 @@ freezes and when it goes final.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -31,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig
@@ -51,6 +50,7 @@ from etcd_rdzv.kv import (
     KvError,
     OutcomeUnknown,
 )
+from etcd_rdzv.layouts import NodeIdentity, RunPaths, layout_for
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline
@@ -64,42 +64,6 @@ class Membership:
     version: int
     rank: int
     world_size: int
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """torch's key layout of one run."""
-
-    run: str
-
-    @property
-    def rdzv(self) -> str:
-        return f"{self.run}/rdzv"
-
-    @property
-    def active_version(self) -> str:
-        return f"{self.run}/rdzv/active_version"
-
-    @property
-    def version_counter(self) -> str:
-        return f"{self.run}/rdzv/version_counter"
-
-    def version_dir(self, version: int) -> str:
-        return f"{self.run}/rdzv/v_{version}"
-
-    def keep_alive(self, version: int, rank: int) -> str:
-        return f"{self.run}/rdzv/v_{version}/rank_{rank}"
-
-    def store(self, version: int) -> str:
-        return f"{self.run}/rdzv/v_{version}/kv"
-
-    def join_claims(self, version: int) -> str:
-        """Ours, not torch's: the prefix of the join claims of a version (claims layout)."""
-        return f"{self.run}/rdzv/v_{version}/joined/"
-
-    def keep_alives(self, version: int) -> str:
-        """The prefix every keep-alive key of a version starts with."""
-        return f"{self.run}/rdzv/v_{version}/rank_"
 
 
 class _StartOver(Exception):
@@ -132,6 +96,7 @@ class EtcdRendezvous:
         self._on_rank_zero = on_rank_zero
         self.paths = RunPaths(config.run_path)
         self._kv = kv
+        self._layout = layout_for(kv, self.paths)
         self._observer = observer
         self._run_keep_alive: KeepAlive | None = None
         self._rank_keep_alive: KeepAlive | None = None
@@ -232,7 +197,7 @@ class EtcdRendezvous:
 
     def _take_part(self, version: int, snapshot: Snapshot, deadline: Deadline) -> Membership:
         self._enter_version(version, snapshot[1])
-        if self._kv.supports_claims:
+        if self._layout.joins_by_claims:
             return self._take_part_by_claims(version, snapshot, deadline)
         with self._phase(Phase.JOIN, version=version) as scope:
             joined, snapshot = self._join(version, snapshot, deadline, scope)
@@ -514,7 +479,7 @@ class EtcdRendezvous:
         everybody starts over instead of waiting for a freeze that never comes.
         """
         window = Deadline(self.config.last_call_timeout)
-        if self._kv.supports_claims:
+        if self._layout.joins_by_claims:
             return self._hold_last_call_of_claims(version, snapshot, window, deadline)
         ttl = self.config.ttls.joinable
         refreshed = Deadline(ttl / 3)
@@ -781,7 +746,7 @@ class EtcdRendezvous:
     def _with_participants(self, state: RendezvousState) -> RendezvousState:
         """`state` listing who joined, for messages: under claims, one more read."""
         try:
-            listed = with_claimed_participants(self._kv, self.paths, state)
+            listed = self._layout.with_participants(self._kv, state)
         except (KvError, EtcdUnavailableError):
             return state
         if listed is not state and state.version is not None:
@@ -799,14 +764,8 @@ class EtcdRendezvous:
         where a joinable document lists nobody, the claims it counted last (those that came
         since are unknown to it until it counts again)."""
         counted = self._claims_counted
-        if (
-            state.status is Status.JOINABLE
-            and not state.participants
-            and counted is not None
-            and counted[0] == state.version
-        ):
-            return min(counted[1], self.config.max_nodes)
-        return state.world_size
+        claims = counted[1] if counted is not None and counted[0] == state.version else None
+        return self._layout.participants(state, claims)
 
     def _state_after(self, refusal: AlreadyExists | CompareFailed, phase: Phase) -> Snapshot:
         """The state a refused write found: from the refusal when it tells (v3), else read."""
@@ -952,29 +911,9 @@ class EtcdRendezvous:
             pass  # it expires within its TTL anyway
 
 
-def with_claimed_participants(
-    kv: KeyValue, paths: RunPaths, state: RendezvousState
-) -> RendezvousState:
-    """`state` with its participants, also for a version joinable under claims (etcd v3),
-    whose document does not list them: there they are its join claims."""
-    if (
-        not kv.supports_claims
-        or state.status is not Status.JOINABLE
-        or state.version is None
-        or state.participants
-    ):
-        return state
-    claims = kv.list(paths.join_claims(state.version)).entries
-    return replace(state, participants=tuple(range(len(claims))))
-
-
 def _node_identity(local_addr: str | None, keep_alive_ttl: float) -> str:
     """The value of a keep-alive key: who holds the rank, and the TTL it renews (for its age)."""
-    return json.dumps(
-        {"host": socket.gethostname(), "addr": local_addr, "pid": os.getpid(),
-         "ttl": keep_alive_ttl},
-        separators=(",", ":"),
-    )  # fmt: skip
+    return NodeIdentity(socket.gethostname(), local_addr, os.getpid(), keep_alive_ttl).encode()
 
 
 def _describe(state: RendezvousState) -> str:

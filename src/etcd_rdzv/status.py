@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,9 +43,9 @@ from etcd_rdzv.errors import (
     EtcdRejectedError,
     EtcdUnavailableError,
 )
-from etcd_rdzv.kv.base import KeyNotFound, KeyValue
+from etcd_rdzv.kv.base import Entry, KeyNotFound, KeyValue
+from etcd_rdzv.layouts import KeyLayout, NodeIdentity, RankView, RunPaths, layout_for, rank_of
 from etcd_rdzv.protocol import RendezvousState, Status, missing_keep_alives
-from etcd_rdzv.rendezvous import RunPaths, with_claimed_participants
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -56,59 +55,9 @@ EXIT_ETCD = 4
 DEFAULT_REQUEST_TIMEOUT = 5.0
 # Without --watch-timeout a watch is re-issued this often; an idle run costs one request each.
 _WATCH_CHUNK_SECONDS = 60.0
-_RANK_KEY = re.compile(r"/rank_(\d+)$")
 
 
 # --- what was read ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeIdentity:
-    """What an etcd-rdzv node writes into its keep-alive key; torch's nodes write none."""
-
-    host: str | None
-    addr: str | None
-    pid: int | None
-    ttl: float | None = None  # the TTL the node renews its key to
-
-    @classmethod
-    def parse(cls, raw: str) -> NodeIdentity | None:
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(document, dict):
-            return None
-        pid, ttl = document.get("pid"), document.get("ttl")
-        return cls(
-            host=_optional_str(document.get("host")),
-            addr=_optional_str(document.get("addr")),
-            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-            ttl=float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None,
-        )
-
-    def describe(self) -> str:
-        where = self.host or self.addr or "an unknown host"
-        return f"{where} (pid {self.pid})" if self.pid is not None else where
-
-
-@dataclass(frozen=True)
-class RankView:
-    """One rank of the active version, and the state of its keep-alive key."""
-
-    rank: int
-    keep_alive_key: str
-    keep_alive: bool
-    confirmed: bool | None  # None: the state has no keep_alives list yet (joinable)
-    identity: NodeIdentity | None
-    expires_in: float | None = None  # seconds the keep-alive key has left
-
-    @property
-    def keep_alive_age(self) -> float | None:
-        """Seconds since the key was last renewed: its TTL minus what it has left."""
-        if self.expires_in is None or self.identity is None or self.identity.ttl is None:
-            return None
-        return max(0.0, self.identity.ttl - self.expires_in)
 
 
 @dataclass(frozen=True)
@@ -116,6 +65,8 @@ class Snapshot:
     run_id: str
     prefix: str
     run_path: str
+    # Owns what the keys mean: who joined and confirmed (see `etcd_rdzv.layouts`).
+    layout: KeyLayout
     state: RendezvousState | None
     version_counter: int | None
     ranks: tuple[RankView, ...]
@@ -123,15 +74,11 @@ class Snapshot:
     revision: int
 
 
-def rank_of(key: str) -> int | None:
-    match = _RANK_KEY.search(key)
-    return int(match.group(1)) if match else None
-
-
 # --- the diagnosis (pure) --------------------------------------------------------------------
 
 
 def diagnose(
+    layout: KeyLayout,
     state: RendezvousState | None,
     live_keep_alive_keys: Iterable[str],
     identities: Mapping[int, NodeIdentity],
@@ -143,7 +90,8 @@ def diagnose(
     """One line in plain words: what the run is doing and what it waits for.
 
     `live_keep_alive_keys` are the `v_N/rank_R` keys that exist now; `identities` are the
-    node identities read from them, by rank.
+    node identities read from them, by rank. `layout` says which ranks confirmed: the state
+    lists them in torch's layout, their keep-alive keys are the confirmations under claims.
     """
     live = set(live_keep_alive_keys)
     if state is None:
@@ -166,7 +114,7 @@ def diagnose(
         if n < min_nodes:
             return f"{head}: waiting for {_count(min_nodes - n, 'more node')}"
         return f"{head}: min reached, last call open for more nodes before it freezes"
-    confirmed = {rank_of(key) for key in state.keep_alives or ()}
+    confirmed = layout.confirmed_ranks(state, live) or frozenset()
     if state.status is Status.FROZEN:
         unconfirmed = [rank for rank in state.participants if rank not in confirmed]
         if not unconfirmed:
@@ -232,12 +180,11 @@ def read_snapshot(kv: KeyValue, run_id: str, prefix: str) -> Snapshot:
     revisions: list[int] = []
     state: RendezvousState | None = None
     state_key = f"{rdzv}/active_version"
+    layout = layout_for(kv, RunPaths(run_path))
     try:
         entry = kv.get(state_key)
         revisions.append(entry.read_revision)
-        state = with_claimed_participants(
-            kv, RunPaths(run_path), RendezvousState.decode(entry.value, state_key)
-        )
+        state = layout.with_participants(kv, RendezvousState.decode(entry.value, state_key))
     except KeyNotFound as absent:
         _note(revisions, absent.revision)
     version_counter: int | None = None
@@ -261,36 +208,23 @@ def read_snapshot(kv: KeyValue, run_id: str, prefix: str) -> Snapshot:
         _note(revisions, revision_seen)
     ranks: tuple[RankView, ...] = ()
     if state is not None and state.version is not None:
-        ranks, listed = _read_ranks(kv, f"{rdzv}/v_{state.version}", state)
+        ranks, listed = _read_ranks(kv, layout, state)
         _note(revisions, listed)
     revision = min(revisions) if revisions else 0
-    return Snapshot(run_id, prefix, run_path, state, version_counter, ranks, revision)
+    return Snapshot(run_id, prefix, run_path, layout, state, version_counter, ranks, revision)
 
 
 def _read_ranks(
-    kv: KeyValue, version_dir: str, state: RendezvousState
+    kv: KeyValue, layout: KeyLayout, state: RendezvousState
 ) -> tuple[tuple[RankView, ...], int | None]:
+    assert state.version is not None
     try:
-        listing = kv.list(version_dir)
-        entries = {rank_of(e.key): e for e in listing.entries if rank_of(e.key) is not None}
+        listing = kv.list(layout.paths.version_dir(state.version))
+        entries: tuple[Entry, ...] = tuple(listing.entries)
         revision: int | None = listing.revision
     except KeyNotFound as absent:
-        entries, revision = {}, absent.revision
-    confirmed = None if state.keep_alives is None else {rank_of(k) for k in state.keep_alives}
-    views = []
-    for rank in sorted({*state.participants, *(r for r in entries if r is not None)}):
-        entry = entries.get(rank)
-        views.append(
-            RankView(
-                rank=rank,
-                keep_alive_key=f"{version_dir}/rank_{rank}",
-                keep_alive=entry is not None,
-                confirmed=None if confirmed is None else rank in confirmed,
-                identity=NodeIdentity.parse(entry.value) if entry is not None else None,
-                expires_in=kv.time_left(entry) if entry is not None else None,
-            )
-        )
-    return tuple(views), revision
+        entries, revision = (), absent.revision
+    return layout.rank_views(state, entries, kv.time_left), revision
 
 
 def _note(revisions: list[int], revision: int | None) -> None:
@@ -315,6 +249,7 @@ class Report:
             "run_id": snap.run_id,
             "prefix": snap.prefix,
             "run_path": snap.run_path,
+            "layout": snap.layout.name,
             "status": state.status.value if state else None,
             "version": state.version if state else None,
             "version_counter": snap.version_counter,
@@ -404,6 +339,7 @@ def report(
     live = [r.keep_alive_key for r in snapshot.ranks if r.keep_alive]
     identities = {r.rank: r.identity for r in snapshot.ranks if r.identity is not None}
     text = diagnose(
+        snapshot.layout,
         snapshot.state,
         live,
         identities,
@@ -568,6 +504,7 @@ def _emptied(previous: Snapshot, revision: int | None) -> Snapshot:
         previous.run_id,
         previous.prefix,
         previous.run_path,
+        previous.layout,
         None,
         None,
         (),
@@ -599,7 +536,3 @@ def _print(shown: Report, as_json: bool) -> None:
 def _fail(message: str, code: int) -> int:
     print(f"etcd-rdzv status: error: {message}", file=sys.stderr)
     return code
-
-
-def _optional_str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None

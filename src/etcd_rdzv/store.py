@@ -18,6 +18,7 @@ from typing import TypeVar
 # torch exports Store at runtime but its stubs do not list it.
 from torch.distributed import Store  # type: ignore[attr-defined]
 
+from etcd_rdzv.agent_errors import raised_for_torch
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
 from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline, retry_while_failing
@@ -137,6 +138,7 @@ class EtcdStore(Store):
         for key, value in zip(keys, values, strict=True):
             self.set(key, value)
 
+    @raised_for_torch()
     def wait_for_values(self, keys: Sequence[str], timeout: datetime.timedelta) -> list[bytes]:
         """The values of `keys` once all exist (one listing when they do); between listings, a
         watch of the first key still missing, not a poll. Raises LookupError after `timeout`.
@@ -181,10 +183,12 @@ class EtcdStore(Store):
         return {entry.key: entry.value for entry in listing.entries}, listing.revision
 
     def _patiently(self, operation: Callable[[], T]) -> T:
-        """`operation`, retried while etcd does not answer, within the store's timeout."""
-        return retry_while_failing(
-            operation, (EtcdUnavailableError,), Deadline(self.timeout.total_seconds())
-        )
+        """`operation`, retried while etcd does not answer, within the store's timeout; what
+        it finally raises, raised as torch's errors (torch's callers catch those)."""
+        with raised_for_torch():
+            return retry_while_failing(
+                operation, (EtcdUnavailableError,), Deadline(self.timeout.total_seconds())
+            )
 
     def _path(self, key: str) -> str:
         return self.prefix + _encode(key)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from etcd_rdzv.demo import AgentSpec, TorchrunAgent
+from etcd_rdzv_devtools.demo import AgentSpec, TorchrunAgent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = REPO_ROOT / "examples" / "allreduce_worker.py"

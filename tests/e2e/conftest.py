@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.demo import AgentSpec, TorchrunAgent, kill_agents
+from etcd_rdzv_devtools.demo import AgentSpec, TorchrunAgent, kill_agents
 from tests.e2e.agents import LaunchAgent
 
 

@@ -1,4 +1,4 @@
-"""`python -m etcd_rdzv.demo` runs a real job, reports it, and leaves no process behind."""
+"""`python -m etcd_rdzv_devtools.demo` runs a real job, reports it, and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.demo import processes_with_env
+from etcd_rdzv_devtools.demo import processes_with_env
 from tests.e2e.agents import REPO_ROOT, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +48,7 @@ class DemoRunner:
         tag = uuid.uuid4().hex
         self.tags.append(tag)
         process = subprocess.Popen(
-            [sys.executable, "-m", "etcd_rdzv.demo", *args],
+            [sys.executable, "-m", "etcd_rdzv_devtools.demo", *args],
             cwd=cwd,
             env={**os.environ, TEST_TAG_VARIABLE: tag},
             stdin=subprocess.DEVNULL,

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from etcd_rdzv.demo import AgentSpec, TorchrunAgent, read_records, wait_for_agents
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd, LocalEtcdCluster
+from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv.protocol import RendezvousState, Status
-from etcd_rdzv.rendezvous import RunPaths
+from etcd_rdzv_devtools.demo import AgentSpec, TorchrunAgent, read_records, wait_for_agents
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, LocalEtcdCluster
 from tests.conftest import EtcdFactory, etcd_leaders, open_kv
 from tests.e2e.agents import WORKER_SCRIPT, LaunchAgent, describe_agents, wait_until
 

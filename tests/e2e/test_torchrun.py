@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from etcd_rdzv.demo import AgentSpec, read_records, wait_for_agents
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv_devtools.demo import AgentSpec, read_records, wait_for_agents
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.e2e.agents import WORKER_SCRIPT, LaunchAgent, describe_agents, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -51,7 +51,7 @@ import pytest
 
 from etcd_rdzv.config import ProtocolTtls
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.conftest import etcd_keys
 from tests.support.harness import (
     Participant,

@@ -11,7 +11,7 @@ import pytest
 
 from etcd_rdzv.analysis.spans import AnalysisError, read_spans
 from etcd_rdzv.cli import main
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 
 # Export each ended span within 0.1 s, so a node killed later has its earlier spans on file.

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd, start_local_etcd
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, start_local_etcd
 from tests.conftest import etcd_keys, only_etcd_api
 from tests.support.harness import Participant, ParticipantGroup
 

@@ -22,12 +22,12 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.handler import create_handler
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.local_etcd import (
+from etcd_rdzv.telemetry import FanOut
+from etcd_rdzv.telemetry.metrics import MetricsObserver, RendezvousMetrics
+from etcd_rdzv_devtools.local_etcd import (
     LocalEtcdCluster,
     free_loopback_ports,
 )
-from etcd_rdzv.telemetry import FanOut
-from etcd_rdzv.telemetry.metrics import MetricsObserver, RendezvousMetrics
 from tests.conftest import EtcdFactory, etcd_keys, etcd_leaders, open_kv
 from tests.support.harness import (
     JsonDict,

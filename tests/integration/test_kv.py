@@ -19,8 +19,8 @@ import pytest
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
 from etcd_rdzv.kv.memory import MemoryEtcd
-from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 from tests.conftest import etcd_keys, open_kv
 
 IMPLEMENTATIONS = ("v3", "v2", "memory")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from etcd_rdzv.leases import KeepAlive
-from etcd_rdzv.local_etcd import LocalEtcd
 from etcd_rdzv.telemetry import Observer
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.conftest import EtcdFactory, open_kv
 from tests.support.waiting import wait_until
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd, LocalEtcdError, start_local_etcd_cluster
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, LocalEtcdError, start_local_etcd_cluster
 from tests.conftest import only_etcd_api
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd, reserved_loopback_ports
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, reserved_loopback_ports
 from tests.support.harness import ParticipantGroup, check_membership
 from tests.support.prometheus import (
     JsonDict,

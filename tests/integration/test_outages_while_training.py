@@ -20,10 +20,10 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv.handler import EXIT_BARRIER_DONE, create_handler
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv.protocol import RendezvousState, Status
-from etcd_rdzv.rendezvous import RunPaths
 from etcd_rdzv.telemetry import NOOP_OBSERVER
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.conftest import EtcdFactory, open_kv
 from tests.support.harness import (
     JsonDict,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 from tests.conftest import EtcdFactory, etcd_keys, only_etcd_api
 from tests.support.harness import ParticipantGroup, check_membership, joined_ranks
 from tests.support.waiting import wait_until

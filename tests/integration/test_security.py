@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.cli import main
-from etcd_rdzv.local_etcd import LocalEtcd, ServerTls, free_loopback_ports
 from etcd_rdzv.status import EXIT_ETCD, EXIT_OK
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, ServerTls, free_loopback_ports
 from tests.conftest import EtcdFactory
 from tests.support.certs import Certificates, make_certificates
 from tests.support.harness import ParticipantGroup, check_membership

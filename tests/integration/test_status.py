@@ -23,7 +23,6 @@ import pytest
 
 from etcd_rdzv.cli import main
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
 from etcd_rdzv.protocol import Status
 from etcd_rdzv.status import (
     EXIT_CONFIG,
@@ -34,6 +33,7 @@ from etcd_rdzv.status import (
     UnknownRun,
     read_snapshot,
 )
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 from tests.support.harness import ParticipantGroup, check_membership
 
 BACKEND = "etcd-rdzv"

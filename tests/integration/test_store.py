@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.conftest import only_etcd_api
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 

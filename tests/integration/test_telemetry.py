@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 from tests.support.harness import (
     Participant,
     ParticipantGroup,

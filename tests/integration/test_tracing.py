@@ -20,10 +20,10 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters, Rendezvou
 
 from etcd_rdzv.handler import EtcdRdzvHandler, create_handler
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd
 from etcd_rdzv.telemetry import FanOut
 from etcd_rdzv.telemetry.export import shutdown_provider
 from etcd_rdzv.telemetry.tracing import TracingObserver
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.support.harness import leave_stale_frozen_version
 
 PHASES_OF_A_MEMBER = {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_rdzv.local_etcd import LocalEtcd, reserved_loopback_ports
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, reserved_loopback_ports
 from tests.conftest import only_etcd_api
 from tests.support.harness import Participant, ParticipantGroup, check_membership
 from tests.support.prometheus import (

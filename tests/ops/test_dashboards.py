@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd, free_loopback_ports
+from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 from tests.conftest import only_etcd_api
 from tests.ops import dashboards
 from tests.ops.dashboards import JsonDict, Target

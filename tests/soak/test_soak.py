@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.local_etcd import LocalEtcd
+from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.conftest import etcd_keys
 from tests.support.harness import (
     JsonDict,

@@ -24,9 +24,9 @@ from types import TracebackType
 from typing import IO, Any
 
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.logfiles import log_tail
+from etcd_rdzv.layouts import RunPaths, layout_for
 from etcd_rdzv.protocol import RendezvousState
-from etcd_rdzv.rendezvous import RunPaths, with_claimed_participants
+from etcd_rdzv_devtools.logfiles import log_tail
 
 # Every participant serves its metrics, as a real agent does, but only on loopback and on a
 # free port; a test that scrapes them sets its own port through `conf`.
@@ -569,7 +569,7 @@ def joined_ranks(kv: KeyValue, run_id: str) -> list[int] | None:
     except KeyNotFound:
         return None
     state = RendezvousState.decode(entry.value, entry.key)
-    return list(with_claimed_participants(kv, paths, state).participants)
+    return list(layout_for(kv, paths).with_participants(kv, state).participants)
 
 
 def leave_stale_frozen_version(kv: KeyValue, run_id: str, ttl: float = 1.0) -> None:

@@ -194,7 +194,8 @@ def _create_handler(args: argparse.Namespace, emit: Callable[[JsonDict], None]) 
     # The same handler torchrun would get, with one more observer next to its telemetry.
     from etcd_rdzv.config import RendezvousConfig
     from etcd_rdzv.handler import create_handler
-    from etcd_rdzv.telemetry import FanOut, build_telemetry
+    from etcd_rdzv.telemetry import FanOut
+    from etcd_rdzv.telemetry.agent import build_telemetry
 
     released = None
     if args.gate_at is not None:

@@ -34,8 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from etcd_rdzv.local_etcd import free_loopback_ports
-from etcd_rdzv.logfiles import log_tail
+from etcd_rdzv_devtools.local_etcd import free_loopback_ports
+from etcd_rdzv_devtools.logfiles import log_tail
 
 __all__ = [
     "LocalPrometheus",

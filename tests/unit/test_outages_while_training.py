@@ -20,8 +20,9 @@ from etcd_rdzv.config import RendezvousConfig, parse_endpoints
 from etcd_rdzv.errors import EtcdUnavailableError
 from etcd_rdzv.handler import EXIT_BARRIER_DONE, EtcdContact, EtcdRdzvHandler, MasterAddress
 from etcd_rdzv.kv import Entry, KeyNotFound, KeyValue, Listing
+from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv.protocol import RendezvousState, Status
-from etcd_rdzv.rendezvous import EtcdRendezvous, Membership, RunPaths
+from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
 from etcd_rdzv.telemetry import Observer
 from etcd_rdzv.telemetry.logging import EVENT_LOGGER_NAME, LoggingObserver
 

@@ -1,4 +1,4 @@
-"""`python -m etcd_rdzv.demo`: a small torchrun job over a throwaway local etcd.
+"""`python -m etcd_rdzv_devtools.demo`: a small torchrun job over a throwaway local etcd.
 
 Starts etcd on loopback, then one torchrun agent per simulated node (all on this machine),
 each with `--rdzv-backend etcd-rdzv`, running `examples/allreduce_worker.py`. When the job
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from etcd_rdzv.local_etcd import LocalEtcdError, free_loopback_ports, start_local_etcd
-from etcd_rdzv.logfiles import log_tail
+from etcd_rdzv_devtools.local_etcd import LocalEtcdError, free_loopback_ports, start_local_etcd
+from etcd_rdzv_devtools.logfiles import log_tail
 
 # etcd_rdzv.handler.BACKEND_NAME, not imported: this process needs no torch (slow to import),
 # and importing the handler before torch's rendezvous package trips a circular import there.
@@ -337,7 +337,7 @@ class JobOutcome:
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     parser = argparse.ArgumentParser(
-        prog="python -m etcd_rdzv.demo",
+        prog="python -m etcd_rdzv_devtools.demo",
         description="Run a small torchrun job with the etcd-rdzv backend on this machine.",
     )
     parser.add_argument(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from etcd_rdzv.logfiles import log_tail
+from etcd_rdzv_devtools.logfiles import log_tail
 
 __all__ = [
     "LocalEtcd",

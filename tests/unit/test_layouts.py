@@ -1,0 +1,101 @@
+"""Each key layout owns what its keys mean; the agent, `status` and the harness ask it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from etcd_rdzv import protocol
+from etcd_rdzv.kv.memory import MemoryEtcd
+from etcd_rdzv.layouts import (
+    ClaimsLayout,
+    KeyLayout,
+    NodeIdentity,
+    RunPaths,
+    TorchLayout,
+    layout_for,
+)
+from etcd_rdzv.protocol import RendezvousState, Status
+from etcd_rdzv.status import read_snapshot
+
+PATHS = RunPaths("/torchelastic/p2p/run_job")
+TORCH, CLAIMS = TorchLayout(PATHS), ClaimsLayout(PATHS)
+
+
+def opened(min_nodes: int = 2, max_nodes: int = 3) -> RendezvousState:
+    return protocol.open_version(7, now=0.0, trace_context=None, nodes=(min_nodes, max_nodes))
+
+
+def test_a_node_identity_reads_back_and_keeps_its_wire_format() -> None:
+    identity = NodeIdentity("host-a", "10.0.0.1", 42, 30.0)
+    # The bytes agents of earlier releases wrote, which `status` of this one must read.
+    assert identity.encode() == '{"host":"host-a","addr":"10.0.0.1","pid":42,"ttl":30.0}'
+    assert NodeIdentity.parse(identity.encode()) == identity
+
+
+def test_a_joinable_document_says_who_joined_only_in_torchs_layout() -> None:
+    joinable = opened()
+    assert TORCH.lists_participants(joinable)
+    assert not CLAIMS.lists_participants(joinable)
+    # Claims counted: each one a participant, up to the max the opener declared.
+    assert CLAIMS.participants(joinable, 2) == 2
+    assert CLAIMS.participants(joinable, 5) == 3
+    assert CLAIMS.participants(joinable, None) == 0  # not counted: nothing known
+    assert TORCH.participants(replace(joinable, participants=(0, 1)), 9) == 2
+    frozen = protocol.freeze(joinable, world_size=3)
+    assert CLAIMS.lists_participants(frozen) and CLAIMS.participants(frozen, 9) == 3
+
+
+@pytest.mark.parametrize(
+    ("layout", "status", "listed", "confirmed"),
+    [
+        (TORCH, Status.FROZEN, (0,), frozenset({0})),
+        (CLAIMS, Status.FROZEN, (), frozenset({0, 1})),  # the live keys are the confirmations
+        (TORCH, Status.FINAL, (0, 1, 2), frozenset({0, 1, 2})),
+        (CLAIMS, Status.FINAL, (0, 1, 2), frozenset({0, 1, 2})),
+    ],
+)
+def test_which_ranks_confirmed_is_the_layouts_to_say(
+    layout: KeyLayout, status: Status, listed: tuple[int, ...], confirmed: frozenset[int]
+) -> None:
+    state = RendezvousState(
+        status, 7, participants=(0, 1, 2), keep_alives=tuple(PATHS.keep_alive(7, r) for r in listed)
+    )
+    # A key of a rank past the world size never counts (left over, or another run's bug).
+    live = [PATHS.keep_alive(7, rank) for rank in (0, 1, 5)]
+    assert layout.confirmed_ranks(state, live) == confirmed
+
+
+def test_nobody_confirms_in_a_joinable_version() -> None:
+    assert TORCH.confirmed_ranks(opened(), []) is None
+    assert CLAIMS.confirmed_ranks(opened(), [PATHS.keep_alive(7, 0)]) is None
+
+
+def test_over_an_etcd_with_transactions_status_reads_a_claims_run_truthfully() -> None:
+    etcd = MemoryEtcd()
+    kv = etcd.client()
+    assert isinstance(layout_for(kv, PATHS), ClaimsLayout)
+    frozen = protocol.freeze(opened(3, 3), world_size=3)
+    kv.put(PATHS.active_version, frozen.encode())
+    kv.put(PATHS.version_counter, "7")
+    for rank, host in ((0, "a"), (1, "b")):
+        kv.put(PATHS.keep_alive(7, rank), NodeIdentity(host, None, rank + 1, 30.0).encode(), 30)
+    snapshot = read_snapshot(kv, "job", "/torchelastic/p2p")
+    views = {view.rank: view for view in snapshot.ranks}
+    assert [views[r].confirmed for r in (0, 1, 2)] == [True, True, False]
+    assert views[1].identity == NodeIdentity("b", None, 2, 30.0)
+    assert views[2].keep_alive is False and views[2].identity is None
+
+
+def test_a_joinable_claims_run_lists_its_claimants_when_read() -> None:
+    kv = MemoryEtcd().client()
+    joinable = opened()
+    entry = kv.put(PATHS.active_version, joinable.encode())
+    for node in ("a", "b"):
+        claimed = PATHS.join_claims(7) + node
+        kv.claim(claimed, json.dumps({"host": node}), guard=entry, queue=PATHS.join_claims(7))
+    listed = CLAIMS.with_participants(kv, joinable)
+    assert listed.participants == (0, 1)
+    assert TORCH.with_participants(kv, joinable) is joinable  # its document says it all
