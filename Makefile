@@ -10,7 +10,7 @@ DEBIAN_PACKAGES := etcd-server etcd-client prometheus docker-compose openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test soak bench lint typecheck unit setup debian-packages clean
+.PHONY: demo test soak simulate bench lint typecheck unit setup debian-packages clean
 
 demo: setup
 	$(BIN)/python -m etcd_rdzv_devtools.demo
@@ -21,6 +21,13 @@ test: setup lint typecheck
 # 200 rendezvous rounds per etcd API with random kills and restarts; a few minutes.
 soak: setup
 	$(BIN)/pytest tests/soak -m soak -s $(PYTEST_ARGS)
+
+# The deterministic simulator over as many seeded schedules as asked (make test runs 0-1999
+# and the large ones): SEEDS=17 replays one, SEEDS=0-99999 searches; NODES=1000 fixes the size.
+SEEDS ?= 0-1999
+NODES ?=
+simulate: setup
+	$(BIN)/python -m tests.simulation $(SEEDS) $(if $(NODES),--nodes $(NODES))
 
 # Rendezvous latency, etcd requests and CPU against torch's backends, N = 2 to 256 (about 20
 # minutes on 2 cores): prints the tables, writes runs/bench/results.json, docs/benchmarks.png and the

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from etcd_rdzv.kv import KeyNotFound, KeyValue
+from etcd_rdzv.runtime import SYSTEM, Background, Runtime
 from etcd_rdzv.telemetry import Observer
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class KeepAlive:
         observer: Observer,
         *,
         restore: Callable[[], bool] | None = None,
+        runtime: Runtime = SYSTEM,
     ) -> None:
         """`restore()` is asked when the key is found gone: it re-creates the key and returns
         True if its owner still holds what the key stands for (the key expired while etcd did
@@ -45,36 +46,37 @@ class KeepAlive:
         self._ttl = ttl
         self._observer = observer
         self._restore = restore
+        self._runtime = runtime
         self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"etcd-rdzv-keepalive-{kind}", daemon=True
-        )
+        self._task: Background | None = None
 
     def start(self) -> KeepAlive:
-        self._thread.start()
+        self._task = self._runtime.start(self._run, f"etcd-rdzv-keepalive-{self.kind}")
         return self
 
     def stop(self, wait: bool = True) -> None:
         self._stopped.set()
-        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=self._ttl)
+        task = self._task
+        if wait and task is not None and task.is_alive() and task is not threading.current_thread():
+            task.join(timeout=self._ttl)
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._task is not None and self._task.is_alive()
 
     def _run(self) -> None:
+        clock = self._runtime.monotonic
         interval = self._ttl / 3
         wait = interval
-        while not self._stopped.wait(wait):
+        while not self._runtime.wait(self._stopped, wait):
             wait = interval
-            started = time.monotonic()
+            started = clock()
             try:
                 self._kv.refresh(self.key, self._ttl)
             except KeyNotFound:
                 # Torn down, or expired: while etcd was paused or unreachable, or because this
                 # process could not refresh in time. Only the owner can tell which.
-                self._observer.lease_refresh(self.kind, False, time.monotonic() - started)
+                self._observer.lease_refresh(self.kind, False, clock() - started)
                 restored = self._restored()
                 if restored is None:
                     wait = min(interval, RETRY_AFTER_FAILURE)
@@ -88,11 +90,11 @@ class KeepAlive:
             except Exception as error:
                 # Whatever failed (etcd unreachable, a refused request), keep trying until the
                 # owner stops us: a refresher that died would let the key expire unseen.
-                self._observer.lease_refresh(self.kind, False, time.monotonic() - started)
+                self._observer.lease_refresh(self.kind, False, clock() - started)
                 log.warning("keep-alive refresh of %s failed: %s", self.key, error)
                 wait = min(interval, RETRY_AFTER_FAILURE)
                 continue
-            self._observer.lease_refresh(self.kind, True, time.monotonic() - started)
+            self._observer.lease_refresh(self.kind, True, clock() - started)
 
     def _restored(self) -> bool | None:
         """Whether the owner re-created its key (see `restore`); None: it could not tell yet

@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,6 +53,7 @@ from etcd_rdzv.layouts import NodeIdentity, RunPaths, layout_for
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline
+from etcd_rdzv.runtime import SYSTEM, Runtime
 from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Outcome, Phase, PhaseScope
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,15 @@ class EtcdRendezvous:
         config: RendezvousConfig,
         observer: Observer = NOOP_OBSERVER,
         on_rank_zero: Callable[[int], object] | None = None,
+        *,
+        runtime: Runtime = SYSTEM,
+        claimant: str | None = None,
     ) -> None:
         """`on_rank_zero(version)` runs once this node confirmed rank 0 of `version`, while
-        the others may still confirm: the handler publishes the master address there."""
+        the others may still confirm: the handler publishes the master address there.
+        `runtime` is the clock, sleep and threads (a simulation's in tests); `claimant` names
+        this node's join claims (unique per process and rendezvous object unless given)."""
+        self._runtime = runtime
         self.config = config
         self._on_rank_zero = on_rank_zero
         self.paths = RunPaths(config.run_path)
@@ -105,7 +111,7 @@ class EtcdRendezvous:
         self._claims_counted: tuple[int, int] | None = None  # (version, claims)
         self._lock = threading.Lock()
         # Names this node's join claims; unique per process and per rendezvous object.
-        self._claimant = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._claimant = claimant or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # The value of this node's keys (claims, keep-alives): the same for every version.
         self._identity = _node_identity(config.local_addr, config.ttls.keep_alive)
 
@@ -122,7 +128,12 @@ class EtcdRendezvous:
         self._kv.ensure_directory(self.paths.run, ttl=self.config.ttls.run)
         if self._run_keep_alive is None:
             self._run_keep_alive = KeepAlive(
-                self._kv, self.paths.run, self.config.ttls.run, "run", self._observer
+                self._kv,
+                self.paths.run,
+                self.config.ttls.run,
+                "run",
+                self._observer,
+                runtime=self._runtime,
             ).start()
         self._kv.ensure_directory(self.paths.rdzv)
 
@@ -137,7 +148,7 @@ class EtcdRendezvous:
 
     def next_rendezvous(self) -> Membership:
         """Block until this node is a confirmed participant of a final version."""
-        deadline = Deadline(self.config.timeout)
+        deadline = Deadline(self.config.timeout, self._runtime.monotonic)
         with self._phase(Phase.RENDEZVOUS) as scope:
             attempt = 0
             last_problem = "no state seen yet"
@@ -159,7 +170,7 @@ class EtcdRendezvous:
                     last_problem = f"etcd error: {error}"
                     self._observer.retry(None, "etcd_unavailable", attempt, str(error))
                     log.warning("rendezvous attempt failed, retrying: %s", error)
-                    TRANSIENT_BACKOFF.sleep(min(attempt, 8), deadline)
+                    TRANSIENT_BACKOFF.sleep(min(attempt, 8), deadline, self._runtime)
                     continue
                 scope.annotate(
                     version=membership.version,
@@ -275,7 +286,7 @@ class EtcdRendezvous:
             return self._read_state(Phase.SETUP)
         except _StartOver:
             pass  # no active version: open one
-        placeholder_state = protocol.setup(now=time.time())
+        placeholder_state = protocol.setup(now=self._runtime.time())
         try:
             placeholder = self._kv.create(
                 self.paths.active_version, placeholder_state.encode(), ttl=self.config.ttls.setup
@@ -289,7 +300,7 @@ class EtcdRendezvous:
         trace_context = self._observer.open_version(version)
         opened = protocol.open_version(
             version,
-            now=time.time(),
+            now=self._runtime.time(),
             trace_context=trace_context,
             nodes=(self.config.min_nodes, self.config.max_nodes),
         )
@@ -321,7 +332,7 @@ class EtcdRendezvous:
                     "--nnodes MIN:MAX."
                 )
             joined = protocol.join(
-                state, self.config.min_nodes, self.config.max_nodes, now=time.time()
+                state, self.config.min_nodes, self.config.max_nodes, now=self._runtime.time()
             )
             try:
                 entry = self._kv.compare_and_swap(
@@ -333,7 +344,7 @@ class EtcdRendezvous:
             except CompareFailed:
                 scope.event("compare_failed", attempt=attempt + 1)
                 self._observer.retry(Phase.JOIN, "compare_failed", attempt + 1)
-                CAS_BACKOFF.sleep(attempt, deadline)
+                CAS_BACKOFF.sleep(attempt, deadline, self._runtime)
                 entry, state = self._read_state(Phase.JOIN)
                 continue
             self._see(joined.state, made=True)
@@ -391,7 +402,7 @@ class EtcdRendezvous:
                 return entry, state
             if not state.is_version(Status.JOINABLE, version):
                 raise _StartOver(phase, "state_moved_on", f"version {version} changed")
-            frozen = protocol.freeze(state, now=time.time(), world_size=world_size)
+            frozen = protocol.freeze(state, now=self._runtime.time(), world_size=world_size)
             try:
                 entry = self._kv.compare_and_swap(
                     self.paths.active_version, frozen.encode(), entry, ttl=self.config.ttls.frozen
@@ -424,7 +435,9 @@ class EtcdRendezvous:
         # Only nodes that joined after the holder back it up; the others just wait.
         abandoned = None
         if claimed.rank >= self.config.min_nodes:
-            abandoned = Deadline(self.config.last_call_timeout + self.config.ttls.joinable)
+            abandoned = Deadline(
+                self.config.last_call_timeout + self.config.ttls.joinable, self._runtime.monotonic
+            )
         entry, state = self._await(
             snapshot,
             Phase.FROZEN_WAIT,
@@ -462,7 +475,7 @@ class EtcdRendezvous:
         if position < state.world_size:
             return snapshot
         keep_alives = [self.paths.keep_alive(version, r) for r in range(state.world_size)]
-        final = protocol.complete(state, keep_alives, now=time.time())
+        final = protocol.complete(state, keep_alives, now=self._runtime.time())
         try:
             entry = self._kv.compare_and_swap(self.paths.active_version, final.encode(), entry)
         except CompareFailed:
@@ -478,11 +491,11 @@ class EtcdRendezvous:
         The state's TTL is kept fresh meanwhile: if this node dies, the state expires and
         everybody starts over instead of waiting for a freeze that never comes.
         """
-        window = Deadline(self.config.last_call_timeout)
+        window = Deadline(self.config.last_call_timeout, self._runtime.monotonic)
         if self._layout.joins_by_claims:
             return self._hold_last_call_of_claims(version, snapshot, window, deadline)
         ttl = self.config.ttls.joinable
-        refreshed = Deadline(ttl / 3)
+        refreshed = Deadline(ttl / 3, self._runtime.monotonic)
         entry, state = snapshot
         for attempt in range(CAS_BACKOFF.max_attempts):
             if state.is_version(Status.FROZEN, version):
@@ -495,7 +508,7 @@ class EtcdRendezvous:
                 raise _StartOver(Phase.LAST_CALL, "deadline", "deadline passed during last call")
             try:
                 if window.expired():
-                    frozen = protocol.freeze(state, now=time.time())
+                    frozen = protocol.freeze(state, now=self._runtime.time())
                     entry = self._kv.compare_and_swap(
                         self.paths.active_version,
                         frozen.encode(),
@@ -508,7 +521,7 @@ class EtcdRendezvous:
                     entry = self._kv.compare_and_swap(
                         self.paths.active_version, entry.value, entry, ttl=ttl
                     )
-                    refreshed = Deadline(ttl / 3)
+                    refreshed = Deadline(ttl / 3, self._runtime.monotonic)
             except CompareFailed:
                 self._observer.retry(Phase.LAST_CALL, "compare_failed", attempt + 1)
                 entry, state = self._read_state(Phase.LAST_CALL)
@@ -550,7 +563,7 @@ class EtcdRendezvous:
                 raise _StartOver(
                     Phase.CONFIRM, "state_moved_on", f"version {version} stopped being frozen"
                 )
-            confirmed = protocol.confirm(state, key, now=time.time())
+            confirmed = protocol.confirm(state, key, now=self._runtime.time())
             try:
                 entry = self._kv.compare_and_swap(
                     self.paths.active_version,
@@ -560,7 +573,7 @@ class EtcdRendezvous:
                 )
             except (CompareFailed, OutcomeUnknown) as error:
                 self._observer.retry(Phase.CONFIRM, _reason(error), attempt + 1)
-                CAS_BACKOFF.sleep(attempt, deadline)
+                CAS_BACKOFF.sleep(attempt, deadline, self._runtime)
                 entry, state = self._read_state(Phase.CONFIRM)
                 continue
             self._see(confirmed.state, made=True)
@@ -640,7 +653,7 @@ class EtcdRendezvous:
                 return entry, waiting
             except CompareFailed:
                 self._observer.retry(Phase.WAIT_NEXT_VERSION, "compare_failed", attempt + 1)
-                CAS_BACKOFF.sleep(attempt, deadline)
+                CAS_BACKOFF.sleep(attempt, deadline, self._runtime)
                 entry, state = self._read_state(Phase.WAIT_NEXT_VERSION)
         raise _StartOver(
             Phase.WAIT_NEXT_VERSION, "cas_exhausted", "too many lost compare-and-swaps"
@@ -656,7 +669,8 @@ class EtcdRendezvous:
             except KeyNotFound:
                 try:
                     self._kv.create(
-                        self.paths.active_version, protocol.close(None, now=time.time()).encode()
+                        self.paths.active_version,
+                        protocol.close(None, now=self._runtime.time()).encode(),
                     )
                     return
                 except AlreadyExists:
@@ -667,7 +681,7 @@ class EtcdRendezvous:
             try:
                 self._kv.compare_and_swap(
                     self.paths.active_version,
-                    protocol.close(state, now=time.time()).encode(),
+                    protocol.close(state, now=self._runtime.time()).encode(),
                     entry,
                 )
                 self._observer.transition(
@@ -676,7 +690,7 @@ class EtcdRendezvous:
                 log.info("closed rendezvous of run %s", self.config.run_id)
                 return
             except CompareFailed:
-                CAS_BACKOFF.sleep(attempt)
+                CAS_BACKOFF.sleep(attempt, runtime=self._runtime)
         raise EtcdUnavailableError("could not close the rendezvous: state kept changing")
 
     def members_training_besides(self, membership: Membership | None) -> list[str]:
@@ -872,6 +886,7 @@ class EtcdRendezvous:
                 "rank",
                 self._observer,
                 restore=lambda: self._restore_keep_alive(version, rank),
+                runtime=self._runtime,
             ).start()
 
     def _restore_keep_alive(self, version: int, rank: int) -> bool:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from etcd_rdzv.runtime import SYSTEM, Runtime
+
 T = TypeVar("T")
 
 
@@ -45,12 +47,14 @@ class Backoff:
         ceiling = min(self.maximum, self.initial * 2 ** min(attempt, 30))
         return (rng or random).uniform(0.0, ceiling)
 
-    def sleep(self, attempt: int, deadline: Deadline | None = None) -> float:
+    def sleep(
+        self, attempt: int, deadline: Deadline | None = None, runtime: Runtime = SYSTEM
+    ) -> float:
         """Sleep before retry number `attempt` (0-based), never past `deadline`."""
-        delay = self.delay(attempt)
+        delay = self.delay(attempt, runtime.random)
         if deadline is not None:
             delay = deadline.bound(delay)
-        time.sleep(delay)
+        runtime.sleep(delay)
         return delay
 
 
@@ -67,6 +71,8 @@ def retry_while_failing(
     deadline: Deadline,
     backoff: Backoff = TRANSIENT_BACKOFF,
     on_retry: Callable[[int, BaseException], None] | None = None,
+    *,
+    runtime: Runtime = SYSTEM,
 ) -> T:
     """`call()`, tried again after each `transient` failure until `deadline`; the last
     failure is raised once the deadline has passed.
@@ -84,4 +90,4 @@ def retry_while_failing(
             attempt += 1
             if on_retry is not None:
                 on_retry(attempt, error)
-            backoff.sleep(min(attempt, 8), deadline)
+            backoff.sleep(min(attempt, 8), deadline, runtime)

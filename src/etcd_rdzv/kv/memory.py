@@ -16,6 +16,9 @@ expires meanwhile is seen within `_EXPIRY_POLL_SECONDS`.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import itertools
 import math
 import threading
 import time
@@ -84,17 +87,49 @@ class MemoryEtcd:
         self._changed = threading.Condition()
         self._keys: dict[str, _Record] = {}
         self._leases: dict[int, _Lease] = {}
+        # (expires_at, lease) for every grant and refresh; entries a refresh outdated are
+        # skipped when they come up: expiry costs no scan of every lease per request.
+        self._expiries: list[tuple[float, int]] = []
         self._history: list[Change] = []
         self._next_lease = 1
 
-    def client(self, observer: Observer = NOOP_OBSERVER) -> MemoryKeyValue:
-        return MemoryKeyValue(self, observer)
+    def client(self, observer: Observer = NOOP_OBSERVER, *, claims: bool = True) -> MemoryKeyValue:
+        """A client; `claims=False` offers no claims, as the v2 transport (so the rendezvous
+        takes torch's key layout over it)."""
+        return MemoryKeyValue(self, observer, claims=claims)
 
     def keys(self, prefix: str) -> set[str]:
         """Every live key that starts with `prefix` (what `etcdctl get --prefix` lists)."""
         with self._changed:
             self._expire()
             return {key for key in self._keys if key.startswith(prefix)}
+
+    def expire(self) -> None:
+        """Expire the leases whose time has come now, as etcd does on its own (requests
+        expire them too): watchers see the deletions."""
+        with self._changed:
+            self._expire()
+
+    def expire_lease_of(self, key: str) -> bool:
+        """End the lease `key` is attached to now (an injected early expiry); False without."""
+        with self._changed:
+            record = self._keys.get(key)
+            if record is None or not record.lease or record.lease not in self._leases:
+                return False
+            self._revoke(record.lease)
+            return True
+
+    def next_expiry(self) -> float | None:
+        """When the next lease expires, by `clock`; None without leases."""
+        with self._changed:
+            self._drop_outdated_expiries()
+            return self._expiries[0][0] if self._expiries else None
+
+    def changes_after(self, revision: int) -> list[Change]:
+        """The history after `revision` (what a watch from it would be told, in order)."""
+        with self._changed:
+            start = bisect.bisect_right(self._history, revision, key=lambda change: change.revision)
+            return self._history[start:]
 
     def compact(self, revision: int) -> None:
         """Forget the history up to `revision`: watches from before it get nothing."""
@@ -106,8 +141,23 @@ class MemoryEtcd:
 
     def _expire(self) -> None:
         now = self.clock()
-        for lease_id in [i for i, lease in self._leases.items() if lease.expires_at <= now]:
-            self._revoke(lease_id)
+        while self._expiries and self._expiries[0][0] <= now:
+            _, lease_id = heapq.heappop(self._expiries)
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at <= now:
+                self._revoke(lease_id)
+
+    def _drop_outdated_expiries(self) -> None:
+        while self._expiries:
+            at, lease_id = self._expiries[0]
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at == at:
+                return
+            heapq.heappop(self._expiries)
+
+    def _extend(self, lease_id: int, lease: _Lease) -> None:
+        lease.expires_at = self.clock() + lease.seconds
+        heapq.heappush(self._expiries, (lease.expires_at, lease_id))
 
     def _revoke(self, lease_id: int) -> None:
         lease = self._leases.pop(lease_id)
@@ -146,6 +196,7 @@ class MemoryEtcd:
         lease = self._next_lease
         self._next_lease += 1
         self._leases[lease] = _Lease(seconds, self.clock() + seconds)
+        heapq.heappush(self._expiries, (self._leases[lease].expires_at, lease))
         return lease
 
     def _last_change(self, key: str) -> Change:
@@ -153,9 +204,9 @@ class MemoryEtcd:
 
     def _first_change(self, key: str, after: int, recursive: bool) -> Change | None:
         below = key.rstrip("/") + "/"
-        for change in self._history:
-            if change.revision <= after:
-                continue
+        # The history is in revision order: skip what the watcher has seen without a scan.
+        start = bisect.bisect_right(self._history, after, key=lambda change: change.revision)
+        for change in itertools.islice(self._history, start, None):
             if change.key == key if not recursive else change.key.startswith(below):
                 return change
         return None
@@ -166,7 +217,10 @@ class MemoryKeyValue(KeyValue):
 
     supports_claims = True
 
-    def __init__(self, server: MemoryEtcd, observer: Observer = NOOP_OBSERVER) -> None:
+    def __init__(
+        self, server: MemoryEtcd, observer: Observer = NOOP_OBSERVER, *, claims: bool = True
+    ) -> None:
+        self.supports_claims = claims
         self._server = server
         self._observer = observer
         # Directory marker key -> (its lease, TTL), as the v3 transport keeps them per client.
@@ -207,6 +261,8 @@ class MemoryKeyValue(KeyValue):
     def claim(
         self, key: str, value: str, *, guard: Entry, queue: str, ttl: float | None = None
     ) -> Claim:
+        if not self.supports_claims:
+            raise NotImplementedError("this client offers no claims (claims=False)")
         with self._request("claim", conditional=True) as server:
             current = server._entry(guard.key)
             if current is None or current.revision != guard.revision:
@@ -230,9 +286,9 @@ class MemoryKeyValue(KeyValue):
             if record is not None and not record.lease:
                 raise EtcdRejectedError(f"etcd at memory: {key} has no TTL to refresh")
             lease = server._leases.get(record.lease) if record is not None else None
-            if lease is None:
+            if record is None or lease is None:
                 raise KeyNotFound(key, server.revision)
-            lease.expires_at = server.clock() + lease.seconds
+            server._extend(record.lease, lease)
 
     def ensure_directory(self, key: str, ttl: float | None = None) -> None:
         """A directory with a TTL is a marker key on a lease (as over v3); keys written below it
