@@ -38,6 +38,10 @@ EtcdApi = Literal["v3", "v2"]
 # v3 is served by every etcd from 3.4 on; v2 only by 3.4/3.5 with --enable-v2, and is kept for
 # rendezvous shared with torch's `etcd` backend, which speaks nothing else.
 DEFAULT_ETCD_API: EtcdApi = "v3"
+# How nodes join and confirm (etcd_rdzv.layouts): by claims where the API has transactions
+# (v3), else by compare-and-swap of the shared state, as torch's backend does (v2).
+KeyLayoutName = Literal["claims", "torch"]
+KEY_LAYOUT_OF_API: dict[EtcdApi, KeyLayoutName] = {"v3": "claims", "v2": "torch"}
 
 # Keys torchrun or torch's other backends pass that mean nothing to this backend.
 _FOREIGN_KEYS = frozenset(
@@ -228,6 +232,11 @@ class RendezvousConfig:
             raise ConfigurationError(
                 f"etcd_prefix {self.prefix!r} must start with '/' and not end with one."
             )
+
+    @property
+    def key_layout(self) -> KeyLayoutName:
+        """The run's key layout, which its etcd API decides: every node of a run uses one."""
+        return KEY_LAYOUT_OF_API[self.etcd_api]
 
     @property
     def run_path(self) -> str:

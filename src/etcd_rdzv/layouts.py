@@ -10,22 +10,37 @@ confirms (see `protocol`, "claims"):
   confirms by creating its keep-alive key, each in a transaction guarded by the state. The
   joinable document lists nobody, and the frozen one lists no confirmation until final.
 
-So the same keys mean different things per layout. The agent, `etcd-rdzv status` and the test
-harness all ask the layout (`participants`, `confirmed_ranks`, `rank_views`) instead of reading
-the document's lists themselves: reading them directly named healthy confirmed nodes of a v3
-run as unconfirmed.
+So the same keys mean different things per layout, and each layout owns both sides of them:
+how a node writes them to take part (`take_part`, performed by the driver it is given), and
+what they say when read (`participants`, `confirmed_ranks`, `rank_views`). The agent,
+`etcd-rdzv status` and the test harness all ask the layout instead of reading the document's
+lists themselves: reading them directly named healthy confirmed nodes of a v3 run as
+unconfirmed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from etcd_rdzv import decisions, protocol
+from etcd_rdzv.config import KEY_LAYOUT_OF_API, KeyLayoutName
 from etcd_rdzv.kv import Entry, KeyValue
 from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes
+from etcd_rdzv.retry import Deadline
+from etcd_rdzv.telemetry import Phase
+
+if TYPE_CHECKING:
+    from etcd_rdzv.rendezvous import EtcdRendezvous
+
+log = logging.getLogger(__name__)
+
+# The state document as read, and what it says.
+Snapshot = tuple[Entry, RendezvousState]
 
 _RANK_KEY = re.compile(r"/rank_(\d+)$")
 
@@ -127,7 +142,7 @@ class RankView:
 
 
 class KeyLayout:
-    """What a version's keys say, in one layout. Pure but for `with_participants`."""
+    """How nodes take part in a version, and what its keys then say, in one layout."""
 
     name: ClassVar[str]
     # Nodes join and confirm by claims (transactions), not by rewriting the state document.
@@ -135,6 +150,13 @@ class KeyLayout:
 
     def __init__(self, paths: RunPaths) -> None:
         self.paths = paths
+
+    def take_part(
+        self, node: EtcdRendezvous, version: int, snapshot: Snapshot, deadline: Deadline
+    ) -> tuple[int, Snapshot]:
+        """Join joinable `version` and confirm: this node's rank, and the state after its
+        confirmation (the driver then waits for the version to go final)."""
+        raise NotImplementedError
 
     def participants(self, state: RendezvousState, join_claims: int | None) -> int:
         """How many nodes took part in `state`'s version, given the number of its join claims
@@ -193,13 +215,232 @@ class TorchLayout(KeyLayout):
     name = "torch"
     joins_by_claims = False
 
+    def take_part(
+        self, node: EtcdRendezvous, version: int, snapshot: Snapshot, deadline: Deadline
+    ) -> tuple[int, Snapshot]:
+        with node.phase(Phase.JOIN, version=version) as scope:
+            joined, snapshot = node.swap_state(
+                snapshot,
+                Phase.JOIN,
+                lambda s: decisions.join_by_swap(s, version, node.nodes, node.runtime.time()),
+                deadline,
+                scope=scope,
+            )
+            assert isinstance(joined, protocol.Joined)
+            scope.annotate(rank=joined.rank, participants=joined.state.world_size)
+        rank = joined.rank
+        if joined.holds_last_call:
+            with node.phase(Phase.LAST_CALL, version=version, rank=rank):
+                snapshot = self._hold_last_call(node, version, snapshot, deadline)
+        with node.phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
+            snapshot = node.await_state(
+                snapshot,
+                Phase.FROZEN_WAIT,
+                version,
+                done=Status.FROZEN,
+                still=Status.JOINABLE,
+                deadline=deadline,
+            )
+            scope.annotate(participants=snapshot[1].world_size)
+        with node.phase(Phase.CONFIRM, version=version, rank=rank):
+            key = self.paths.keep_alive(version, rank)
+            node.publish_keep_alive(key)
+            node.hold_rank(version, rank)
+            _, snapshot = node.swap_state(
+                node.read_state(Phase.CONFIRM),
+                Phase.CONFIRM,
+                lambda s: decisions.confirm_by_swap(s, version, key, node.runtime.time()),
+                deadline,
+                # Confirming twice is recognized (the key is listed): a lost answer is re-read.
+                retry_unknown=True,
+            )
+        return rank, snapshot
+
+    def _hold_last_call(
+        self, node: EtcdRendezvous, version: int, snapshot: Snapshot, deadline: Deadline
+    ) -> Snapshot:
+        """Keep the version joinable for last_call_timeout more seconds, then freeze it; its
+        TTL is renewed meanwhile, so that it expires if this node dies."""
+        clock = node.runtime.monotonic
+        refresh_every = node.config.ttls.joinable / 3
+        window_ends = clock() + node.config.last_call_timeout
+        refresh_due = clock() + refresh_every
+        while True:
+            times = decisions.LastCallClock(clock(), window_ends, refresh_due)
+
+            def hold(
+                state: RendezvousState, times: decisions.LastCallClock = times
+            ) -> (
+                decisions.Done
+                | decisions.Write
+                | decisions.Refresh
+                | decisions.Wait
+                | decisions.StartOver
+            ):
+                wall = node.runtime.time()
+                return decisions.hold_last_call_by_swap(
+                    state, version, times, wall, deadline.expired()
+                )
+
+            decision, snapshot = node.swap_state(snapshot, Phase.LAST_CALL, hold, deadline)
+            if isinstance(decision, decisions.Done | decisions.Write):
+                return snapshot  # frozen: by the join that filled it, or by us
+            if isinstance(decision, decisions.Refresh):
+                refresh_due = clock() + refresh_every
+                continue
+            assert isinstance(decision, decisions.Wait) and decision.until is not None
+            wait = deadline.bound(max(0.0, decision.until - clock()))
+            snapshot = node.next_state(snapshot, Phase.LAST_CALL, wait)
+
 
 class ClaimsLayout(KeyLayout):
     """Claims (etcd v3): joins are keys of their own, and a confirmation is the keep-alive key
-    itself, created under the frozen state; the document lists both only once final."""
+    itself, created under the frozen state; the document lists both only once final.
+
+    No node ever loses a compare-and-swap to another, and waiting nodes wake up only when the
+    version freezes and when it goes final: the state changes twice per version.
+    """
 
     name = "claims"
     joins_by_claims = True
+
+    def take_part(
+        self, node: EtcdRendezvous, version: int, snapshot: Snapshot, deadline: Deadline
+    ) -> tuple[int, Snapshot]:
+        min_nodes, max_nodes = node.nodes
+        with node.phase(Phase.JOIN, version=version) as scope:
+            node.check(Phase.JOIN, decisions.may_claim(snapshot[1], version, node.nodes))
+            queue = self.paths.join_claims(version)
+            position = node.claim(
+                Phase.JOIN,
+                queue + node.claimant,
+                snapshot[0],
+                queue,
+                f"version {version} stopped being joinable",
+            )
+            claimed = protocol.claimed_rank(position, min_nodes, max_nodes)
+            node.count_claims(version, position)
+            node.see(snapshot[1])
+            if claimed.too_late:
+                scope.annotate(participants=max_nodes)
+            else:
+                scope.annotate(rank=claimed.rank, participants=claimed.rank + 1)
+                if claimed.freezes:
+                    snapshot = self._freeze(
+                        node,
+                        version,
+                        snapshot,
+                        phase=Phase.JOIN,
+                        world_size=max_nodes,
+                        deadline=deadline,
+                    )
+        if claimed.too_late:
+            self._await_freeze(node, version, snapshot, claimed.rank, deadline)
+            raise node.start_over(Phase.JOIN, "version_full", f"version {version} filled up first")
+        rank = claimed.rank
+        if claimed.holds_last_call:
+            with node.phase(Phase.LAST_CALL, version=version, rank=rank):
+                snapshot = self._hold_last_call(node, version, snapshot, deadline)
+        with node.phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
+            snapshot = self._await_freeze(node, version, snapshot, rank, deadline)
+            scope.annotate(participants=snapshot[1].world_size)
+        # A claim that landed after the last-call holder counted the claims is not in it.
+        node.check(Phase.FROZEN_WAIT, decisions.in_frozen_version(rank, snapshot[1]))
+        with node.phase(Phase.CONFIRM, version=version, rank=rank):
+            snapshot = self._confirm(node, version, rank, snapshot, deadline)
+        return rank, snapshot
+
+    def _freeze(
+        self,
+        node: EtcdRendezvous,
+        version: int,
+        snapshot: Snapshot,
+        *,
+        phase: Phase,
+        world_size: int,
+        deadline: Deadline,
+    ) -> Snapshot:
+        """Freeze the version with its first `world_size` claims as participants."""
+        _, snapshot = node.swap_state(
+            snapshot,
+            phase,
+            lambda s: decisions.freeze_claims(s, version, world_size, node.runtime.time()),
+            deadline,
+        )
+        return snapshot
+
+    def _hold_last_call(
+        self, node: EtcdRendezvous, version: int, snapshot: Snapshot, deadline: Deadline
+    ) -> Snapshot:
+        """The last call: nothing to keep fresh (the joinable state has no TTL, see
+        `decisions.abandoned_after`); at the end, count the claims and freeze with as many."""
+        window = node.deadline(node.config.last_call_timeout)
+        snapshot = node.await_state(
+            snapshot,
+            Phase.LAST_CALL,
+            version,
+            done=Status.FROZEN,
+            still=Status.JOINABLE,
+            deadline=deadline,
+            until=window,
+        )
+        if snapshot[1].is_version(Status.FROZEN, version):
+            return snapshot  # the claim that filled the version froze it
+        counted = decisions.last_call_counted(node.count_join_claims(version), node.nodes[1])
+        return self._freeze(
+            node, version, snapshot, phase=Phase.LAST_CALL, world_size=counted, deadline=deadline
+        )
+
+    def _await_freeze(
+        self, node: EtcdRendezvous, version: int, snapshot: Snapshot, rank: int, deadline: Deadline
+    ) -> Snapshot:
+        """Watch the joinable version until it freezes; a node that backs up the last-call
+        holder tears the version down once the holder is overdue."""
+        config = node.config
+        after = decisions.abandoned_after(
+            rank, config.min_nodes, config.last_call_timeout, config.ttls.joinable
+        )
+        abandoned = None if after is None else node.deadline(after)
+        entry, state = node.await_state(
+            snapshot,
+            Phase.FROZEN_WAIT,
+            version,
+            done=Status.FROZEN,
+            still=Status.JOINABLE,
+            deadline=deadline,
+            until=abandoned,
+        )
+        if state.is_version(Status.FROZEN, version):
+            return entry, state
+        log.info("last call of version %d outlived its window; tearing it down", version)
+        node.tear_down(version, entry, Status.JOINABLE)
+        raise node.start_over(
+            Phase.FROZEN_WAIT, "last_call_abandoned", f"nobody froze version {version}"
+        )
+
+    def _confirm(
+        self, node: EtcdRendezvous, version: int, rank: int, snapshot: Snapshot, deadline: Deadline
+    ) -> Snapshot:
+        """Confirm by claim: the keep-alive key itself, created while the frozen state is
+        unchanged. The claim that completes the set makes the version final."""
+        key = self.paths.keep_alive(version, rank)
+        position = node.claim(
+            Phase.CONFIRM,
+            key,
+            snapshot[0],
+            self.paths.keep_alives(version),
+            f"version {version} stopped being frozen",
+        )
+        node.hold_rank(version, rank)
+        world_size = snapshot[1].world_size
+        keys = [self.paths.keep_alive(version, r) for r in range(world_size)]
+        _, snapshot = node.swap_state(
+            snapshot,
+            Phase.CONFIRM,
+            lambda s: decisions.complete_claims(s, version, position, keys, node.runtime.time()),
+            deadline,
+        )
+        return snapshot
 
     def participants(self, state: RendezvousState, join_claims: int | None) -> int:
         if self.lists_participants(state) or join_claims is None:
@@ -221,10 +462,18 @@ class ClaimsLayout(KeyLayout):
         return super().confirmed_ranks(state, live_keep_alives)
 
 
-def layout_for(kv: KeyValue, paths: RunPaths) -> KeyLayout:
-    """The layout a run uses over `kv`: claims wherever the API has transactions (v3); over
-    v2, torch's, the one torch's own backend speaks."""
-    return ClaimsLayout(paths) if kv.supports_claims else TorchLayout(paths)
+LAYOUTS: dict[KeyLayoutName, type[KeyLayout]] = {"claims": ClaimsLayout, "torch": TorchLayout}
+
+
+def layout_for(name: KeyLayoutName, paths: RunPaths) -> KeyLayout:
+    """The layout a run's configuration names (`RendezvousConfig.key_layout`)."""
+    return LAYOUTS[name](paths)
+
+
+def layout_of_client(kv: KeyValue, paths: RunPaths) -> KeyLayout:
+    """For a reader without the run's configuration (`status` is given the API, tests a
+    client): the layout of the API `kv` speaks (claims need v3's transactions)."""
+    return layout_for(KEY_LAYOUT_OF_API["v3" if kv.supports_claims else "v2"], paths)
 
 
 def _optional_str(value: object) -> str | None:

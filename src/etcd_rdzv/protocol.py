@@ -61,7 +61,7 @@ class RendezvousState:
     def world_size(self) -> int:
         return len(self.participants)
 
-    def is_version(self, status: Status, version: int) -> bool:
+    def is_version(self, status: Status, version: int | None) -> bool:
         return self.status is status and self.version == version
 
     def encode(self) -> str:

@@ -30,7 +30,9 @@ from typing import Any
 from etcd_rdzv import protocol
 from etcd_rdzv.config import (
     DEFAULT_PREFIX,
+    KEY_LAYOUT_OF_API,
     Credentials,
+    KeyLayoutName,
     RendezvousConfig,
     load_tls_files,
     normalize_prefix,
@@ -44,7 +46,15 @@ from etcd_rdzv.errors import (
     EtcdUnavailableError,
 )
 from etcd_rdzv.kv.base import Entry, KeyNotFound, KeyValue
-from etcd_rdzv.layouts import KeyLayout, NodeIdentity, RankView, RunPaths, layout_for, rank_of
+from etcd_rdzv.layouts import (
+    KeyLayout,
+    NodeIdentity,
+    RankView,
+    RunPaths,
+    layout_for,
+    layout_of_client,
+    rank_of,
+)
 from etcd_rdzv.protocol import RendezvousState, Status, missing_keep_alives
 
 EXIT_OK = 0
@@ -173,14 +183,18 @@ class UnknownRun(Exception):
         self.revision = revision
 
 
-def read_snapshot(kv: KeyValue, run_id: str, prefix: str) -> Snapshot:
-    """Read the run's keys. Raises UnknownRun, CorruptStateError, EtcdUnavailableError."""
+def read_snapshot(
+    kv: KeyValue, run_id: str, prefix: str, key_layout: KeyLayoutName | None = None
+) -> Snapshot:
+    """Read the run's keys, as `key_layout` (default: the layout of the API `kv` speaks)
+    gives them meaning. Raises UnknownRun, CorruptStateError, EtcdUnavailableError."""
     run_path = RendezvousConfig(run_id, parse_endpoints("localhost"), 1, 1, prefix=prefix).run_path
     rdzv = f"{run_path}/rdzv"
     revisions: list[int] = []
     state: RendezvousState | None = None
     state_key = f"{rdzv}/active_version"
-    layout = layout_for(kv, RunPaths(run_path))
+    paths = RunPaths(run_path)
+    layout = layout_of_client(kv, paths) if key_layout is None else layout_for(key_layout, paths)
     try:
         entry = kv.get(state_key)
         revisions.append(entry.read_revision)
@@ -468,7 +482,8 @@ def _connect(args: argparse.Namespace) -> KeyValue:
 
 
 def _show(kv: KeyValue, args: argparse.Namespace) -> int:
-    snapshot = read_snapshot(kv, args.run_id, args.prefix)
+    layout = KEY_LAYOUT_OF_API[parse_etcd_api(args.etcd_api)]
+    snapshot = read_snapshot(kv, args.run_id, args.prefix, layout)
     shown = report(snapshot, args.min_nodes, args.max_nodes)
     _print(shown, args.json)
     if not args.watch:
@@ -485,7 +500,7 @@ def _show(kv: KeyValue, args: argparse.Namespace) -> int:
             # A change, a timeout or lost history: read again either way, show only news.
             previous = snapshot.state
             try:
-                snapshot = read_snapshot(kv, args.run_id, args.prefix)
+                snapshot = read_snapshot(kv, args.run_id, args.prefix, layout)
             except UnknownRun as gone:
                 snapshot = _emptied(snapshot, gone.revision)
             if _phase(snapshot.state) != _phase(previous):

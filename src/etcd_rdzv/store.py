@@ -13,15 +13,16 @@ from __future__ import annotations
 import datetime
 from base64 import b64decode, b64encode
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 # torch exports Store at runtime but its stubs do not list it.
 from torch.distributed import Store  # type: ignore[attr-defined]
 
 from etcd_rdzv.agent_errors import raised_for_torch
 from etcd_rdzv.errors import EtcdUnavailableError
-from etcd_rdzv.kv import AlreadyExists, CompareFailed, KeyNotFound, KeyValue
-from etcd_rdzv.retry import CAS_BACKOFF, TRANSIENT_BACKOFF, Deadline, retry_while_failing
+from etcd_rdzv.kv import Entry, KeyNotFound, KeyValue
+from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline, retry_while_failing
+from etcd_rdzv.swap import Delete, Keep, Put, SwapExhausted, swap
 
 _DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
 T = TypeVar("T")
@@ -51,21 +52,12 @@ class EtcdStore(Store):
         return self._patiently(lambda: self._add(key, value))
 
     def _add(self, key: str, value: int) -> int:
-        path = self._path(key)
-        try:
-            self._kv.create(path, _encode(str(value)))
-            return value
-        except AlreadyExists:
-            pass
-        for attempt in range(CAS_BACKOFF.max_attempts):
-            current = self._kv.get(path)
-            total = int(_decode(current.value)) + value
-            try:
-                self._kv.compare_and_swap(path, _encode(str(total)), current)
-                return total
-            except CompareFailed:
-                CAS_BACKOFF.sleep(attempt)
-        raise RuntimeError(f"EtcdStore.add({key!r}) lost too many races")
+        def added(current: Entry | None) -> Put[int]:
+            total = value if current is None else int(_decode(current.value)) + value
+            return Put(_encode(str(total)), total)
+
+        # Created without a read: most counters are added to by one node first.
+        return self._swap(key, added, current=None)
 
     def compare_set(
         self, key: str, expected_value: bytes | str, desired_value: bytes | str
@@ -75,43 +67,25 @@ class EtcdStore(Store):
     def _compare_set(
         self, key: str, expected_value: bytes | str, desired_value: bytes | str
     ) -> bytes:
-        path = self._path(key)
-        expected = _as_bytes(expected_value)
-        for attempt in range(CAS_BACKOFF.max_attempts):
-            try:
-                current = self._kv.get(path)
-            except KeyNotFound:
-                if expected:
-                    return expected  # c10d: a missing key with a non-empty expectation is left be
-                try:
-                    self._kv.create(path, _encode(desired_value))
-                    return _as_bytes(desired_value)
-                except AlreadyExists:
-                    continue
+        expected, desired = _as_bytes(expected_value), _as_bytes(desired_value)
+
+        def compared(current: Entry | None) -> Put[bytes] | Keep[bytes]:
+            if current is None:
+                # c10d: a missing key with a non-empty expectation is left be.
+                return Keep(expected) if expected else Put(_encode(desired), desired)
             value = _decode(current.value)
-            if value != expected:
-                return value
-            try:
-                self._kv.compare_and_swap(path, _encode(desired_value), current)
-                return _as_bytes(desired_value)
-            except CompareFailed:
-                CAS_BACKOFF.sleep(attempt)
-        raise RuntimeError(f"EtcdStore.compare_set({key!r}) lost too many races")
+            return Put(_encode(desired), desired) if value == expected else Keep(value)
+
+        return self._swap(key, compared)
 
     def delete_key(self, key: str) -> bool:
         return self._patiently(lambda: self._delete_key(key))
 
     def _delete_key(self, key: str) -> bool:
-        path = self._path(key)
-        for attempt in range(CAS_BACKOFF.max_attempts):
-            try:
-                self._kv.compare_and_delete(path, self._kv.get(path))
-                return True
-            except KeyNotFound:
-                return False
-            except CompareFailed:
-                CAS_BACKOFF.sleep(attempt)
-        return False
+        def deleted(current: Entry | None) -> Delete[bool] | Keep[bool]:
+            return Keep(False) if current is None else Delete(True)
+
+        return self._swap(key, deleted)
 
     def check(self, keys: list[str]) -> bool:
         wanted = {self._path(key) for key in keys}
@@ -189,6 +163,18 @@ class EtcdStore(Store):
             return retry_while_failing(
                 operation, (EtcdUnavailableError,), Deadline(self.timeout.total_seconds())
             )
+
+    def _swap(
+        self,
+        key: str,
+        decide: Callable[[Entry | None], Put[T] | Keep[T] | Delete[T]],
+        **options: Any,
+    ) -> T:
+        try:
+            result, _ = swap(self._kv, self._path(key), decide, **options)
+        except SwapExhausted:
+            raise RuntimeError(f"EtcdStore: {key!r} kept changing: lost too many races") from None
+        return result
 
     def _path(self, key: str) -> str:
         return self.prefix + _encode(key)

@@ -20,6 +20,10 @@ BACKEND = "etcd-rdzv"
 KEEP_ALIVE_TTL = 2.0
 FAST = {"last_call_timeout": "1", "keep_alive_ttl": f"{KEEP_ALIVE_TTL:g}", "timeout": "60"}
 KEY_EXPIRY_MARGIN = 2.5
+# Protocol scenarios whose outcome does not depend on the transport run over the default API
+# only: the simulator runs them, and many more, in both key layouts (tests/simulation). The
+# transport's part (requests, watches, TTLs) is the same as in the tests that run over both.
+PROTOCOL_SCENARIO = only_etcd_api("v3")
 
 
 def group(tmp_path: Path, etcd: LocalEtcd, run_id: str, min_nodes: int, max_nodes: int,
@@ -53,6 +57,7 @@ def test_fixed_size_rendezvous(tmp_path: Path, etcd: LocalEtcd, run_id: str, siz
     assert {r["version"] for r in results} == {1}
 
 
+@PROTOCOL_SCENARIO
 def test_elastic_rendezvous_completes_after_the_last_call(
     tmp_path: Path, etcd: LocalEtcd, run_id: str
 ) -> None:
@@ -67,6 +72,7 @@ def test_elastic_rendezvous_completes_after_the_last_call(
     assert elapsed >= 1.5
 
 
+@PROTOCOL_SCENARIO
 def test_late_node_waits_then_joins_the_next_version(
     tmp_path: Path, etcd: LocalEtcd, run_id: str
 ) -> None:
@@ -90,6 +96,7 @@ def test_late_node_waits_then_joins_the_next_version(
     assert {r["world_size"] for r in results} == {3}
 
 
+@PROTOCOL_SCENARIO
 def test_members_keep_seeing_waiting_nodes_after_one_member_left_for_the_next_version(
     tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
@@ -149,6 +156,7 @@ def test_overall_timeout_raises_and_says_what_was_missing(
     assert elapsed < 10
 
 
+@PROTOCOL_SCENARIO
 def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_it(
     tmp_path: Path, etcd: LocalEtcd, etcd_api: str, run_id: str, kv: KeyValue
 ) -> None:

@@ -124,19 +124,21 @@ def test_joinable_waiting_for_more_nodes(
 
 
 def test_frozen_waiting_for_confirmations(
-    etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
+    etcd: LocalEtcd,
+    etcd_api: str,
+    run_id: str,
+    kv: KeyValue,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # A frozen version lasts only until its last confirmation, too short to hold with real
-    # nodes, so this test writes one itself, exactly as torch's etcd backend formats it (as a
-    # foreign writer would): rank 0 confirmed; rank 1 published its keep-alive key (with an
-    # etcd-rdzv identity) but has not confirmed yet; rank 2 has done neither.
+    # nodes, so this test writes one itself, as each key layout leaves it: rank 0 and rank 1
+    # published their keep-alive keys (with an etcd-rdzv identity), rank 2 has done neither.
+    # In torch's layout (v2, formatted as torch's backend does) a confirmation is also listed
+    # in the state, and only rank 0's is. In the claims layout (v3) the key is the
+    # confirmation, and the frozen state lists none until final.
     rdzv = f"{PREFIX}/run_{run_id}/rdzv"
-    state = {
-        "status": "frozen",
-        "version": "1",
-        "participants": [0, 1, 2],
-        "keep_alives": [f"{rdzv}/v_1/rank_0"],
-    }
+    listed = [f"{rdzv}/v_1/rank_0"] if etcd_api == "v2" else []
+    state = {"status": "frozen", "version": "1", "participants": [0, 1, 2], "keep_alives": listed}
     kv.put(f"{rdzv}/version_counter", "1")
     kv.put(f"{rdzv}/active_version", json.dumps(state), ttl=60)
     for rank, host in ((0, "host-a"), (1, "host-b")):
@@ -145,18 +147,25 @@ def test_frozen_waiting_for_confirmations(
 
     code, out, err = status(capsys, etcd, run_id)
     assert code == EXIT_OK, err
-    assert diagnosis(out) == (
-        "frozen: ranks 1 and 2 have not confirmed (1 of 3 confirmed; last seen on host-b (pid 101))"
-    )
-    assert "confirmed: 1/3" in out
+    if etcd_api == "v2":
+        expected = (
+            "ranks 1 and 2 have not confirmed (1 of 3 confirmed; last seen on host-b (pid 101))"
+        )
+        confirmed = [0]
+    else:
+        expected = "rank 2 has not confirmed (2 of 3 confirmed; no keep-alive key from them yet)"
+        confirmed = [0, 1]
+    assert diagnosis(out) == f"frozen: {expected}"
+    assert f"confirmed: {len(confirmed)}/3" in out
 
     code, out, _ = status(capsys, etcd, run_id, "--json")
     document = json.loads(out)
-    assert document["confirmed"] == [0]
+    assert document["layout"] == ("torch" if etcd_api == "v2" else "claims")
+    assert document["confirmed"] == confirmed
     assert [(r["rank"], r["keep_alive"], r["confirmed"], r["host"], r["addr"], r["pid"])
             for r in document["ranks"]] == [
         (0, True, True, "host-a", "10.0.0.0", 100),
-        (1, True, False, "host-b", "10.0.0.1", 101),
+        (1, True, etcd_api == "v3", "host-b", "10.0.0.1", 101),
         (2, False, False, None, None, None),
     ]  # fmt: skip
 

@@ -26,7 +26,8 @@ Invariants, after every step:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from etcd_rdzv import protocol
@@ -44,6 +45,7 @@ from etcd_rdzv.kv.base import Change
 from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv.protocol import RendezvousState, Status
 from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
+from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Phase, PhaseScope
 from tests.simulation.engine import Actor, SimulatedKeyValue, SimulatedRuntime, Simulation
 
 RUN_ID = "sim"
@@ -75,6 +77,9 @@ class Scenario:
     lease_expiries: int  # a keep-alive lease expires early (etcd lost it, a clock jump)
     worker_failures: int  # a training node restarts its workers: it rendezvous again
     mismatch: bool  # one more node with another --nnodes: it must fail clearly, not hang
+    # Kill the first node to reach one protocol point, as `--die-at` does for real processes
+    # (tests/integration/test_agent_faults.py): a `DIE_AT` key, or None.
+    die_at: str | None = None
 
     @classmethod
     def from_seed(cls, seed: int, *, nodes: int | None = None) -> Scenario:
@@ -144,6 +149,41 @@ class Scenario:
         )
 
 
+# Where a node can be killed, as the observer sees it: (phase, "enter" or "exit").
+DIE_AT = {
+    "setup": (Phase.SETUP, "exit"),  # it may hold the placeholder that opens the next version
+    "join": (Phase.JOIN, "exit"),  # it holds a rank of a joinable version
+    "last_call": (Phase.LAST_CALL, "enter"),  # it holds the last call
+    "frozen": (Phase.FROZEN_WAIT, "exit"),  # frozen, not confirmed yet
+    "confirm": (Phase.CONFIRM, "exit"),  # confirmed, the version not final yet
+    "final": (Phase.RENDEZVOUS, "exit"),  # a member of a final version
+}
+
+
+class _NodeObserver(Observer):
+    """What the checker hears from a node: the version it takes part in, and, with a
+    `die_at` point, the moment the first node to reach it is killed there."""
+
+    def __init__(self, run: Run, name: str) -> None:
+        self._run, self._name = run, name
+        point = run.scenario.die_at
+        self._die_at = None if point is None else DIE_AT[point]
+
+    @contextmanager
+    def phase(self, phase: Phase, **attributes: object) -> Iterator[PhaseScope]:
+        version = attributes.get("version")
+        if isinstance(version, int):
+            self._run.taking_part[self._name] = version
+        self._strike(phase, "enter")
+        with NOOP_OBSERVER.phase(phase) as scope:
+            yield scope
+        self._strike(phase, "exit")
+
+    def _strike(self, phase: Phase, when: str) -> None:
+        if self._die_at == (phase, when) and self._run.crashed_at is None:
+            self._run.crash_now(self._name)
+
+
 @dataclass
 class Outcome:
     scenario: Scenario
@@ -152,6 +192,7 @@ class Outcome:
     steps: int
     virtual_seconds: float
     final_at: float | None  # when the liveness goal was met
+    crashed_at: float | None = None  # when the `die_at` victim was killed
 
     @property
     def ok(self) -> bool:
@@ -184,7 +225,9 @@ class Run:
         # Generous: a livelock shows as a step count far past any of these. Under torch's
         # layout N nodes lose O(N) compare-and-swaps each under a random schedule.
         contended = 8 * scenario.nodes**2 if scenario.layout == "torch" else 0
-        self.max_steps = max_steps or 40_000 + 400 * scenario.nodes + contended
+        budget = 40_000 + 400 * scenario.nodes + contended
+        # A misconfigured node can keep a run churning until the schedule's end: more steps.
+        self.max_steps = max_steps or budget * (4 if scenario.mismatch else 1)
         # node -> its live incarnation (a process), or absent while dead or exited for good
         self.incarnations: dict[str, int] = {}
         self.training: dict[str, Membership] = {}
@@ -195,6 +238,9 @@ class Run:
         self.final_at: float | None = None
         self.sim.on_change = self._on_change
         self._incarnation = 0
+        self.crashed_at: float | None = None
+        self.taking_part: dict[str, int] = {}  # node -> the version it last took part in
+        self.broken_versions: set[int] = set()  # versions a node died in
         self._decoded: tuple[int, RendezvousState] | None = None
         self.sim.on_pick = self._maybe_crash
 
@@ -238,7 +284,13 @@ class Run:
         finally:
             self.sim.drain()
         return Outcome(
-            s, self.violations, list(self.sim.trace), self.sim.steps, self.sim.now, self.final_at
+            s,
+            self.violations,
+            list(self.sim.trace),
+            self.sim.steps,
+            self.sim.now,
+            self.final_at,
+            self.crashed_at,
         )
 
     def _schedule_faults(self, names: list[str]) -> None:
@@ -295,10 +347,14 @@ class Run:
             timeout=100_000.0,
             last_call_timeout=s.last_call,
             ttls=s.ttls,
+            etcd_api="v3" if s.layout == "claims" else "v2",
         )
         runtime = SimulatedRuntime(self.sim, name)
         kv = SimulatedKeyValue(self.sim, name, claims=s.layout == "claims")
-        node = EtcdRendezvous(kv, config, runtime=runtime, claimant=f"{name}.{incarnation}")
+        observer = _NodeObserver(self, name)
+        node = EtcdRendezvous(
+            kv, config, observer, runtime=runtime, claimant=f"{name}.{incarnation}"
+        )
         try:
             node.prepare()
         except EtcdUnavailableError:
@@ -332,6 +388,14 @@ class Run:
         self.incarnations.pop(name, None)
         self.training.pop(name, None)
         self.exited[name] = why
+        # A member's death fails the others' collectives: their agents restart the workers,
+        # now or as soon as they start training in its version.
+        version = self.taking_part.pop(name, None)
+        if version is not None:
+            self.broken_versions.add(version)
+        for other, membership in sorted(self.training.items()):
+            if membership.version == version:
+                self.wants_restart.add(other)
         if restart:
             delay = self.rng.uniform(*RESTART_DELAY)
             self.sim.at(self.sim.now + delay, f"restart {name}", self._starter(name))
@@ -347,6 +411,13 @@ class Run:
         self.sim.note("scheduler", f"crash {name}")
         self.sim.kill(name)
         self._exit(name, "crashed", restart=True)
+
+    def crash_now(self, name: str) -> None:
+        """Kill `name` where it runs (it unwinds at its next step); it stays dead."""
+        self.sim.note("checker", f"kill {name} at {self.scenario.die_at}")
+        self.crashed_at = self.sim.now
+        self.sim.kill(name)
+        self._exit(name, "killed", restart=False)
 
     def _faults_stop(self) -> None:
         self.sim.etcd.faults.unavailable = False
@@ -409,7 +480,11 @@ class Run:
         if holder is not None and holder != me:
             self._violation(f"rank {rank} of version {version} handed to {holder} and {me}")
         record.ranks[rank] = me
+        if self.incarnations.get(name) != incarnation:
+            return  # killed on its way out of the rendezvous: it never trains
         self.training[name] = membership
+        if version in self.broken_versions:
+            self.wants_restart.add(name)
 
     def _on_change(self, change: Change) -> None:
         run = self.paths.run

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from etcd_rdzv.kv import KeyNotFound, KeyValue
-from etcd_rdzv.layouts import RunPaths, layout_for
+from etcd_rdzv.layouts import RunPaths, layout_of_client
 from etcd_rdzv.protocol import RendezvousState
 from etcd_rdzv_devtools.logfiles import log_tail
 
@@ -569,7 +569,7 @@ def joined_ranks(kv: KeyValue, run_id: str) -> list[int] | None:
     except KeyNotFound:
         return None
     state = RendezvousState.decode(entry.value, entry.key)
-    return list(layout_for(kv, paths).with_participants(kv, state).participants)
+    return list(layout_of_client(kv, paths).with_participants(kv, state).participants)
 
 
 def leave_stale_frozen_version(kv: KeyValue, run_id: str, ttl: float = 1.0) -> None:

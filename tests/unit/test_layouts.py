@@ -8,6 +8,8 @@ from dataclasses import replace
 import pytest
 
 from etcd_rdzv import protocol
+from etcd_rdzv.config import RendezvousConfig, parse_endpoints
+from etcd_rdzv.errors import ConfigurationError
 from etcd_rdzv.kv.memory import MemoryEtcd
 from etcd_rdzv.layouts import (
     ClaimsLayout,
@@ -15,9 +17,10 @@ from etcd_rdzv.layouts import (
     NodeIdentity,
     RunPaths,
     TorchLayout,
-    layout_for,
+    layout_of_client,
 )
 from etcd_rdzv.protocol import RendezvousState, Status
+from etcd_rdzv.rendezvous import EtcdRendezvous
 from etcd_rdzv.status import read_snapshot
 
 PATHS = RunPaths("/torchelastic/p2p/run_job")
@@ -76,7 +79,7 @@ def test_nobody_confirms_in_a_joinable_version() -> None:
 def test_over_an_etcd_with_transactions_status_reads_a_claims_run_truthfully() -> None:
     etcd = MemoryEtcd()
     kv = etcd.client()
-    assert isinstance(layout_for(kv, PATHS), ClaimsLayout)
+    assert isinstance(layout_of_client(kv, PATHS), ClaimsLayout)
     frozen = protocol.freeze(opened(3, 3), world_size=3)
     kv.put(PATHS.active_version, frozen.encode())
     kv.put(PATHS.version_counter, "7")
@@ -99,3 +102,16 @@ def test_a_joinable_claims_run_lists_its_claimants_when_read() -> None:
     listed = CLAIMS.with_participants(kv, joinable)
     assert listed.participants == (0, 1)
     assert TORCH.with_participants(kv, joinable) is joinable  # its document says it all
+
+
+def test_the_run_configuration_chooses_the_layout_and_a_client_must_support_it() -> None:
+    def config(api: str) -> RendezvousConfig:
+        endpoints = parse_endpoints("memory:1")
+        return RendezvousConfig("job", endpoints, 1, 1, etcd_api=api)  # type: ignore[arg-type]
+
+    etcd = MemoryEtcd()
+    assert isinstance(EtcdRendezvous(etcd.client(), config("v3")).layout, ClaimsLayout)
+    # torch's layout runs over a client with claims too; claims over one without cannot.
+    assert isinstance(EtcdRendezvous(etcd.client(), config("v2")).layout, TorchLayout)
+    with pytest.raises(ConfigurationError, match="needs etcd v3's transactions"):
+        EtcdRendezvous(etcd.client(claims=False), config("v3"))

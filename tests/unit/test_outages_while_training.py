@@ -198,7 +198,10 @@ class SwitchableEtcd(KeyValue):
 @pytest.fixture
 def member() -> Iterator[tuple[EtcdRdzvHandler, SwitchableEtcd, Recorder]]:
     """Rank 0 of final version 4 of three, training; ranks 1 and 2 alive."""
-    config = RendezvousConfig("job", parse_endpoints("127.0.0.1:2379"), 3, 3, request_timeout=1)
+    # The fake speaks no claims, as the v2 transport: torch's key layout.
+    config = RendezvousConfig(
+        "job", parse_endpoints("127.0.0.1:2379"), 3, 3, request_timeout=1, etcd_api="v2"
+    )
     etcd = SwitchableEtcd(FINAL, {KEY_0, KEY_1, KEY_2})
     recorder = Recorder()
     rendezvous = EtcdRendezvous(etcd, config, recorder)
