@@ -233,14 +233,7 @@ class TorchLayout(KeyLayout):
             with node.phase(Phase.LAST_CALL, version=version, rank=rank):
                 snapshot = self._hold_last_call(node, version, snapshot, deadline)
         with node.phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
-            snapshot = node.await_state(
-                snapshot,
-                Phase.FROZEN_WAIT,
-                version,
-                done=Status.FROZEN,
-                still=Status.JOINABLE,
-                deadline=deadline,
-            )
+            snapshot = _await_frozen(node, Phase.FROZEN_WAIT, version, snapshot, deadline)
             scope.annotate(participants=snapshot[1].world_size)
         with node.phase(Phase.CONFIRM, version=version, rank=rank):
             key = self.paths.keep_alive(version, rank)
@@ -375,15 +368,7 @@ class ClaimsLayout(KeyLayout):
         """The last call: nothing to keep fresh (the joinable state has no TTL, see
         `decisions.abandoned_after`); at the end, count the claims and freeze with as many."""
         window = node.deadline(node.config.last_call_timeout)
-        snapshot = node.await_state(
-            snapshot,
-            Phase.LAST_CALL,
-            version,
-            done=Status.FROZEN,
-            still=Status.JOINABLE,
-            deadline=deadline,
-            until=window,
-        )
+        snapshot = _await_frozen(node, Phase.LAST_CALL, version, snapshot, deadline, until=window)
         if snapshot[1].is_version(Status.FROZEN, version):
             return snapshot  # the claim that filled the version froze it
         counted = decisions.last_call_counted(node.count_join_claims(version), node.nodes[1])
@@ -401,14 +386,8 @@ class ClaimsLayout(KeyLayout):
             rank, config.min_nodes, config.last_call_timeout, config.ttls.joinable
         )
         abandoned = None if after is None else node.deadline(after)
-        entry, state = node.await_state(
-            snapshot,
-            Phase.FROZEN_WAIT,
-            version,
-            done=Status.FROZEN,
-            still=Status.JOINABLE,
-            deadline=deadline,
-            until=abandoned,
+        entry, state = _await_frozen(
+            node, Phase.FROZEN_WAIT, version, snapshot, deadline, until=abandoned
         )
         if state.is_version(Status.FROZEN, version):
             return entry, state
@@ -474,6 +453,27 @@ def layout_of_client(kv: KeyValue, paths: RunPaths) -> KeyLayout:
     """For a reader without the run's configuration (`status` is given the API, tests a
     client): the layout of the API `kv` speaks (claims need v3's transactions)."""
     return layout_for(KEY_LAYOUT_OF_API["v3" if kv.supports_claims else "v2"], paths)
+
+
+def _await_frozen(
+    node: EtcdRendezvous,
+    phase: Phase,
+    version: int,
+    snapshot: Snapshot,
+    deadline: Deadline,
+    *,
+    until: Deadline | None = None,
+) -> Snapshot:
+    """Watch joinable `version` until it freezes (or `until` passes: then as last read)."""
+    return node.await_state(
+        snapshot,
+        phase,
+        version,
+        done=Status.FROZEN,
+        still=Status.JOINABLE,
+        deadline=deadline,
+        until=until,
+    )
 
 
 def _optional_str(value: object) -> str | None:

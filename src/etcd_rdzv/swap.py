@@ -6,9 +6,10 @@ last call, freeze, confirm, complete, announce waiting, close), the version coun
 c10d store's `add` and `compare_set`. The caller's `decide` sees the key's current entry
 (None when absent) and returns `Put` (write this), `Delete` (delete it) or `Keep` (no write:
 return this result).
-A lost race is reported (`on_lost`), paced by `CAS_BACKOFF`, and decided again from the
-refusal's entry (v3 carries it) or a fresh read (v2); the loop ends after the backoff's
-attempts with `SwapExhausted`, or when `deadline` passes.
+A lost race is reported (`on_lost`) and decided again: at once from the refusal's entry when
+it carries one (v3), else after a `CAS_BACKOFF` pause from a fresh read (v2): reading before
+the pause would decide on a state the other racers are still changing, and lose again. The
+loop ends after the backoff's attempts with `SwapExhausted`, or when `deadline` passes.
 
 An answer lost in transit (`OutcomeUnknown`) is raised by default: writing again could apply
 a second time (take two ranks). A caller whose decision recognizes its own applied write
@@ -100,18 +101,27 @@ def swap(
             return decision.result, written
         except (CompareFailed, AlreadyExists) as refusal:
             on_lost(attempt, "compare_failed")
-            entry = refusal.current if refusal.current is not None else _read(kv, key)
+            told = refusal.current
         except KeyNotFound:
             on_lost(attempt, "compare_failed")  # deleted meanwhile: decide on its absence
-            entry = None
+            told, entry = None, None
+            if deadline is not None and deadline.expired():
+                break
+            continue
         except OutcomeUnknown:
             if not retry_unknown:
                 raise
             on_lost(attempt, "outcome_unknown")
-            entry = _read(kv, key)
+            told = None
         if deadline is not None and deadline.expired():
             break
+        if told is not None:
+            # The refusal says what won (v3): decide on it at once, it is the latest write.
+            entry = told
+            continue
+        # Not told: back off while the winners' writes land, then read what they left.
         backoff.sleep(attempt - 1, deadline, runtime)
+        entry = _read(kv, key)
     raise SwapExhausted(key, attempt)
 
 
