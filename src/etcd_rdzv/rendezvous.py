@@ -62,9 +62,6 @@ log = logging.getLogger(__name__)
 
 D = TypeVar("D")
 
-# What a decision may say that ends a phase here: the driver raises it.
-_Over = decisions.StartOver | decisions.Misfit
-
 
 @dataclass(frozen=True)
 class Membership:
