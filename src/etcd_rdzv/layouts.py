@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from etcd_rdzv import decisions, protocol
 from etcd_rdzv.config import KEY_LAYOUT_OF_API, KeyLayoutName
-from etcd_rdzv.kv import Entry, KeyValue
+from etcd_rdzv.kv import Entry, KeyNotFound, KeyValue
 from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes
 from etcd_rdzv.retry import Deadline
 from etcd_rdzv.telemetry import Phase
@@ -183,14 +183,21 @@ class KeyLayout:
         claims = len(kv.list(self.paths.join_claims(state.version)).entries)
         return replace(state, participants=tuple(range(self.participants(state, claims))))
 
+    def joined(self, kv: KeyValue, state: RendezvousState) -> tuple[NodeIdentity | None, ...]:
+        """Who took each rank of `state`'s version, by rank, as far as the keys tell before a
+        node confirms: in torch's layout nothing (a join writes only the shared document)."""
+        return ()
+
     def rank_views(
         self,
         state: RendezvousState,
         keep_alives: Iterable[Entry],
         time_left: Callable[[Entry], float | None] = lambda entry: None,
+        joined: Sequence[NodeIdentity | None] = (),
     ) -> tuple[RankView, ...]:
         """Each rank of `state`'s version (and each keep-alive key of a rank it does not
-        list), from the version's live keep-alive keys."""
+        list), from the version's live keep-alive keys; a rank without one is named by who
+        `joined` it, when the layout tells."""
         assert state.version is not None
         by_rank: Mapping[int, Entry] = {
             rank: entry for entry in keep_alives if (rank := rank_of(entry.key)) is not None
@@ -202,7 +209,13 @@ class KeyLayout:
                 keep_alive_key=self.paths.keep_alive(state.version, rank),
                 keep_alive=rank in by_rank,
                 confirmed=None if confirmed is None else rank in confirmed,
-                identity=NodeIdentity.parse(by_rank[rank].value) if rank in by_rank else None,
+                identity=(
+                    NodeIdentity.parse(by_rank[rank].value)
+                    if rank in by_rank
+                    else joined[rank]
+                    if rank < len(joined)
+                    else None
+                ),
                 expires_in=time_left(by_rank[rank]) if rank in by_rank else None,
             )
             for rank in sorted({*state.participants, *by_rank})
@@ -430,6 +443,18 @@ class ClaimsLayout(KeyLayout):
 
     def lists_participants(self, state: RendezvousState) -> bool:
         return state.status is not Status.JOINABLE or bool(state.participants)
+
+    def joined(self, kv: KeyValue, state: RendezvousState) -> tuple[NodeIdentity | None, ...]:
+        """Under claims each join is a key holding its node's identity, and its place among
+        the version's claims (by creation revision) is its rank."""
+        if state.version is None or state.status in (Status.SETUP, Status.CLOSED):
+            return ()
+        try:
+            claims = kv.list(self.paths.join_claims(state.version)).entries
+        except KeyNotFound:
+            return ()
+        in_order = sorted(claims, key=lambda entry: entry.revision)
+        return tuple(NodeIdentity.parse(entry.value) for entry in in_order)
 
     def confirmed_ranks(
         self, state: RendezvousState, live_keep_alives: Iterable[str]

@@ -238,7 +238,7 @@ def _read_ranks(
         revision: int | None = listing.revision
     except KeyNotFound as absent:
         entries, revision = (), absent.revision
-    return layout.rank_views(state, entries, kv.time_left), revision
+    return layout.rank_views(state, entries, kv.time_left, layout.joined(kv, state)), revision
 
 
 def _note(revisions: list[int], revision: int | None) -> None:
@@ -352,6 +352,12 @@ def report(
 ) -> Report:
     live = [r.keep_alive_key for r in snapshot.ranks if r.keep_alive]
     identities = {r.rank: r.identity for r in snapshot.ranks if r.identity is not None}
+    # The node that opened the version recorded its --nnodes; flags win (torch's backend
+    # records none).
+    declared = protocol.declared_nodes(snapshot.state) if snapshot.state else None
+    if declared is not None:
+        min_nodes = declared[0] if min_nodes is None else min_nodes
+        max_nodes = declared[1] if max_nodes is None else max_nodes
     text = diagnose(
         snapshot.layout,
         snapshot.state,

@@ -102,9 +102,12 @@ def test_joinable_waiting_for_more_nodes(
             and s.state.world_size == 1,
             timeout=30,
         )  # fmt: skip
-        code, out, err = status(capsys, etcd, run_id, "--min-nodes", "2")
+        # No flags: the node that opened the version recorded --nnodes 2:2 in the state.
+        code, out, err = status(capsys, etcd, run_id)
         assert code == EXIT_OK, err
-        assert diagnosis(out) == "joinable with 1 participant (min 2): waiting for 1 more node"
+        assert diagnosis(out) == (
+            "joinable with 1 participant (min 2, max 2): waiting for 1 more node"
+        )
         assert "state: joinable" in out
         # The node that opened the version stamped when the state became joinable.
         assert re.search(r"state since: \d\d:\d\d:\d\d \(\d+\.\d s ago\)", out), out
@@ -116,11 +119,14 @@ def test_joinable_waiting_for_more_nodes(
         lone.kill()
     assert document["status"] == "joinable"
     assert document["participants"] == [0]
-    assert document["min_nodes"] is None
-    assert document["diagnosis"].startswith("joinable with 1 participant (min unknown)")
+    assert (document["min_nodes"], document["max_nodes"]) == (2, 2)
     # Ranks publish keep-alive keys only when they confirm, after the join window closes.
-    assert document["ranks"][0]["keep_alive"] is False
-    assert document["ranks"][0]["confirmed"] is None
+    (joined,) = document["ranks"]
+    assert joined["keep_alive"] is False
+    assert joined["confirmed"] is None
+    # Under claims (v3) the join itself names its node; torch's layout (v2) cannot yet.
+    named = (joined["host"], joined["pid"])
+    assert named == ((socket.gethostname(), lone.pid) if kv.supports_claims else (None, None))
 
 
 def test_frozen_waiting_for_confirmations(

@@ -21,7 +21,7 @@ from etcd_rdzv.layouts import (
 )
 from etcd_rdzv.protocol import RendezvousState, Status
 from etcd_rdzv.rendezvous import EtcdRendezvous
-from etcd_rdzv.status import read_snapshot
+from etcd_rdzv.status import read_snapshot, report
 
 PATHS = RunPaths("/torchelastic/p2p/run_job")
 TORCH, CLAIMS = TorchLayout(PATHS), ClaimsLayout(PATHS)
@@ -115,3 +115,25 @@ def test_the_run_configuration_chooses_the_layout_and_a_client_must_support_it()
     assert isinstance(EtcdRendezvous(etcd.client(), config("v2")).layout, TorchLayout)
     with pytest.raises(ConfigurationError, match="needs etcd v3's transactions"):
         EtcdRendezvous(etcd.client(claims=False), config("v3"))
+
+
+def test_status_names_who_joined_under_claims_and_knows_the_sizes_the_opener_declared() -> None:
+    kv = MemoryEtcd().client()
+    joinable = opened(3, 3)
+    entry = kv.put(PATHS.active_version, joinable.encode())
+    kv.put(PATHS.version_counter, "7")
+    for node in ("vm-a", "vm-b"):
+        identity = NodeIdentity(node, None, 100, 30.0).encode()
+        queue = PATHS.join_claims(7)
+        kv.claim(queue + node, identity, guard=entry, queue=queue)
+    snapshot = read_snapshot(kv, "job", "/torchelastic/p2p")
+    assert [(r.rank, r.identity.host if r.identity else None) for r in snapshot.ranks] == [
+        (0, "vm-a"),
+        (1, "vm-b"),
+    ]
+    shown = report(snapshot, None, None)
+    assert (shown.min_nodes, shown.max_nodes) == (3, 3)
+    assert shown.diagnosis == "joinable with 2 participants (min 3, max 3): waiting for 1 more node"
+    assert "vm-a" in shown.to_text() and "min unknown" not in shown.to_text()
+    # Flags still win: for documents torch's backend wrote, which declare nothing.
+    assert report(snapshot, 2, None).min_nodes == 2
