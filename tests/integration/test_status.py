@@ -176,6 +176,44 @@ def test_frozen_waiting_for_confirmations(
     ]  # fmt: skip
 
 
+def test_a_node_stalled_between_join_and_confirm_is_named_and_nothing_false_is_said(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three real agents, one held after the freeze before it confirms (as a SIGSTOP there
+    would): the other two confirmed, and `status` says so in either key layout."""
+    with group(tmp_path, etcd, run_id, 3, 3) as nodes:
+        (stalled,) = nodes.start(1, backend=BACKEND, gate_at="frozen")
+        others = nodes.start(2, backend=BACKEND)
+        for node in (stalled, *others):
+            node.send({"cmd": "rendezvous"})
+        held = stalled.expect_held("frozen", 60)
+        wait_for(
+            kv, run_id, "the two others confirmed",
+            lambda s: sum(1 for r in s.ranks if r.confirmed) == 2, timeout=30,
+        )  # fmt: skip
+        code, out, err = status(capsys, etcd, run_id)
+        assert code == EXIT_OK, err
+        code, json_out, _ = status(capsys, etcd, run_id, "--json")
+        stalled.release()
+        deadline = time.monotonic() + 60
+        results = [n.expect_rendezvous(deadline - time.monotonic()) for n in (stalled, *others)]
+    check_membership(results)  # the held node was released: it is a member like the others
+    rank = held["rank"]
+    text = diagnosis(out)
+    assert text.startswith(f"frozen: rank {rank} has not confirmed (2 of 3 confirmed; "), text
+    if kv.supports_claims:
+        # Its join claim names it: host and pid of the stalled process.
+        assert f"last seen on {socket.gethostname()} (pid {stalled.pid})" in text, text
+    else:
+        assert "no keep-alive key from them yet" in text, text
+    document = json.loads(json_out)
+    assert document["confirmed"] == sorted({0, 1, 2} - {rank})
+    ranks = {r["rank"]: r for r in document["ranks"]}
+    assert ranks[rank]["confirmed"] is False and ranks[rank]["keep_alive"] is False
+    pids = {ranks[r]["pid"] for r in ranks if r != rank}
+    assert pids == {node.pid for node in others}
+
+
 def test_final_with_a_late_node_waiting(
     tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue, capsys: pytest.CaptureFixture[str]
 ) -> None:
