@@ -179,3 +179,26 @@ def test_malformed_and_mismatched_inputs_through_the_cli(
         assert main(["analyze", path]) == 2
         captured = capsys.readouterr()
         assert message in captured.err and "Traceback" not in captured.err
+
+
+def test_a_node_that_never_came_is_reported_and_the_present_ones_are_not_blamed(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace_file = tmp_path / "traces.jsonl"
+    conf = {"trace_file": str(trace_file), "timeout": "3"}
+    with ParticipantGroup(
+        tmp_path, endpoint=etcd.endpoint, run_id=run_id, min_nodes=3, max_nodes=3, conf=conf
+    ) as group:
+        present = group.start(2, backend="etcd-rdzv")  # the third node never starts
+        for participant in present:
+            participant.send({"cmd": "rendezvous"})
+        for participant in present:
+            assert participant.expect("error", 30)["type"] == "RendezvousTimeoutError"
+            assert participant.request({"cmd": "shutdown"}, 30)["value"] is True
+
+    assert main(["analyze", str(trace_file), "--run-id", run_id]) == 0
+    text = capsys.readouterr().out
+    assert "never arrived: 1 of the 3 nodes it needs (min_nodes); the 2 present" in text, text
+    assert "straggler" not in text, text
+    (run,) = analyze_json(capsys, str(trace_file), "--run-id", run_id)["runs"]
+    assert [(v["never_arrived"], v["stragglers"]) for v in run["versions"]] == [(1, [])]

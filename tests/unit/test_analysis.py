@@ -11,7 +11,7 @@ import pytest
 
 from etcd_rdzv.analysis import command
 from etcd_rdzv.analysis.spans import AnalysisError, Span, SpanEvent, read_file
-from etcd_rdzv.analysis.timeline import NEVER_CONFIRMED, analyze, to_json
+from etcd_rdzv.analysis.timeline import NEVER_CONFIRMED, analyze, to_json, to_text
 
 S = 1_000_000_000  # ns per second
 T0 = 1_700_000_000 * S
@@ -28,6 +28,8 @@ def otlp_span(
         attributes.append({"key": "rdzv.version", "value": {"intValue": str(version)}})
     if "outcome" in extra:
         attributes.append({"key": "rdzv.outcome", "value": {"stringValue": extra["outcome"]}})
+    if "min_nodes" in extra:
+        attributes.append({"key": "rdzv.min_nodes", "value": {"intValue": str(extra["min_nodes"])}})
     return {
         "traceId": "ab" * 16,
         "spanId": f"{abs(hash((name, node, start))) % 16**16:016x}",
@@ -198,6 +200,31 @@ def test_node_that_joined_but_never_confirmed_is_named_with_the_wait_it_caused(
     assert [failure.node for failure in report.failures] == ["h:1"]
 
 
+def test_nodes_that_never_came_are_reported_and_those_present_are_not_blamed(
+    tmp_path: Path,
+) -> None:
+    # min 3, two nodes came, 1.5 s apart, and waited until their timeout: the version never
+    # froze. Neither of them held anything up; the node that never came did.
+    def waited(node: str, start: float) -> list[dict[str, Any]]:
+        return [
+            otlp_span("rendezvous.setup", node, start, start + 0.01, min_nodes=3),
+            otlp_span("rendezvous.join", node, start + 0.01, start + 0.02, min_nodes=3),
+            otlp_span(
+                "rendezvous.frozen_wait", node, start + 0.02, 5.0, min_nodes=3, outcome="retry"
+            ),
+        ]
+
+    (report,) = analyze(
+        read_file(write(tmp_path, "t.jsonl", otlp_line(*waited("h:1", 0.0), *waited("h:2", 1.5))))
+    )
+    (version,) = report.versions
+    assert (version.min_nodes, version.never_arrived, version.stragglers) == (3, 1, [])
+    text = to_text([report])
+    assert "never arrived: 1 of the 3 nodes it needs (min_nodes)" in text
+    assert "straggler" not in text
+    assert to_json([report])["runs"][0]["versions"][0]["never_arrived"] == 1
+
+
 def test_a_setup_without_version_belongs_to_the_nodes_next_version(tmp_path: Path) -> None:
     spans = [
         otlp_span("rendezvous.setup", "h:1", -0.1, 0.0, version=None, outcome="retry"),
@@ -215,7 +242,7 @@ def test_json_report_has_stable_fields(tmp_path: Path, capsys: pytest.CaptureFix
     (version,) = run["versions"]
     assert set(version) == {
         "version", "start", "end", "seconds", "complete", "busiest_phase", "phase_seconds",
-        "last_arrival", "stragglers", "nodes",
+        "last_arrival", "min_nodes", "never_arrived", "stragglers", "nodes",
     }  # fmt: skip
     assert version["stragglers"][0]["node"] == "h:2"
     assert set(version["nodes"][0]) == {

@@ -103,6 +103,10 @@ class VersionReport:
     stragglers: list[Straggler] = field(default_factory=list)
     last_arrival: str | None = None
     last_arrival_behind_seconds: float | None = None
+    # The nodes' min_nodes (`rdzv.min_nodes`), and how many of those never joined a version
+    # that never froze: then they, not the nodes present, held it up.
+    min_nodes: int | None = None
+    never_arrived: int = 0
 
     @property
     def start_ns(self) -> int:
@@ -221,14 +225,19 @@ def _analyze_version(
     version: int, nodes: dict[str, list[Span]], late_threshold: float
 ) -> VersionReport:
     timelines = [_node_timeline(node, spans) for node, spans in sorted(nodes.items())]
-    report = VersionReport(version, timelines)
+    report = VersionReport(version, timelines, min_nodes=_min_nodes(nodes))
     joined = [node for node in timelines if node.joined_ns is not None]
+    # Nodes confirm only once the version froze: without any confirmation it never did.
+    froze = any(bar.phase == "confirm" for node in timelines for bar in node.bars)
+    if not froze and report.min_nodes is not None and len(joined) < report.min_nodes:
+        # Waiting for nodes that never came: the ones present held nobody back.
+        report.never_arrived = report.min_nodes - len(joined)
     if len(joined) >= 2:
         last = max(joined, key=lambda node: node.joined_ns or 0)
         others = [node.joined_ns or 0 for node in joined if node is not last]
         behind = ((last.joined_ns or 0) - statistics.median(others)) / 1e9
         report.last_arrival, report.last_arrival_behind_seconds = last.node, behind
-        if behind >= late_threshold:
+        if behind >= late_threshold and not report.never_arrived:
             waited_in = _phase_at([n for n in joined if n is not last], last.joined_ns or 0)
             report.stragglers.append(
                 Straggler(
@@ -243,9 +252,20 @@ def _analyze_version(
                 )
             )
     for node in timelines:
-        if node.status == NEVER_CONFIRMED:
+        if node.status == NEVER_CONFIRMED and froze:
             report.stragglers.append(_never_confirmed(node, timelines))
     return report
+
+
+def _min_nodes(nodes: dict[str, list[Span]]) -> int | None:
+    """The min_nodes the version's nodes said they run with (the most common, if they differ)."""
+    values = Counter(
+        value
+        for spans in nodes.values()
+        for span in spans
+        if isinstance(value := span.attributes.get("rdzv.min_nodes"), int)
+    )
+    return values.most_common(1)[0][0] if values else None
 
 
 def _node_timeline(node: str, spans: list[Span]) -> NodeTimeline:
@@ -372,6 +392,8 @@ def _run_json(report: RunReport) -> dict[str, Any]:
                     "node": v.last_arrival,
                     "behind_seconds": round(v.last_arrival_behind_seconds or 0.0, 6),
                 },
+                "min_nodes": v.min_nodes,
+                "never_arrived": v.never_arrived,
                 "stragglers": [
                     {
                         "node": s.node,
@@ -443,6 +465,12 @@ def to_text(reports: Sequence[RunReport]) -> str:
 def _version_text(v: VersionReport) -> list[str]:
     state = "complete" if v.complete else "incomplete"
     lines = [f"  version {v.version}: {v.seconds:.3f} s, {state}, {len(v.nodes)} node(s)"]
+    if v.never_arrived:
+        present = len(v.nodes) - sum(1 for node in v.nodes if node.status == NOT_JOINED)
+        lines.append(
+            f"    never arrived: {v.never_arrived} of the {v.min_nodes} nodes it needs "
+            f"(min_nodes); the {present} present waited for them, and held nobody back"
+        )
     if v.last_arrival is not None:
         lines.append(
             f"    last to arrive: {v.last_arrival}, "
