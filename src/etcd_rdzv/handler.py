@@ -173,7 +173,6 @@ class EtcdRdzvHandler(RendezvousHandler):
             # Rank 0 died between the final state and publishing its address: the version can
             # never start. Leave it and form the next one, as after any other member's death.
             detail = f"rank 0 of version {membership.version} died before publishing its address"
-            log.warning("etcd-rdzv: %s; starting a new rendezvous", detail)
             self._observer.retry(Phase.RENDEZVOUS, "master_gone", attempt, detail)
         raise AssertionError("unreachable: the loop returns or raises")
 
@@ -274,7 +273,9 @@ class EtcdRdzvHandler(RendezvousHandler):
         try:
             self.set_closed()
         except Exception:
-            log.warning("etcd-rdzv: closing the rendezvous failed", exc_info=True)
+            run_id = self._rendezvous.config.run_id
+            log.warning("etcd-rdzv: closing the rendezvous of run %s failed", run_id, exc_info=True)
+            self._observer.run_left_open(version, "close_failed", [])
             return False
         return True
 

@@ -21,7 +21,6 @@ unconfirmed.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -36,8 +35,6 @@ from etcd_rdzv.telemetry import Phase
 
 if TYPE_CHECKING:
     from etcd_rdzv.rendezvous import EtcdRendezvous
-
-log = logging.getLogger(__name__)
 
 # The state document as read, and what it says.
 Snapshot = tuple[Entry, RendezvousState]
@@ -404,8 +401,9 @@ class ClaimsLayout(KeyLayout):
         )
         if state.is_version(Status.FROZEN, version):
             return entry, state
-        log.info("last call of version %d outlived its window; tearing it down", version)
-        node.tear_down(version, entry, Status.JOINABLE)
+        # Its holder is the claim that reached min_nodes: gone, or stalled past the window.
+        holder = node.config.min_nodes - 1
+        node.tear_down(version, entry, Status.JOINABLE, "last_call_abandoned", [holder])
         raise node.start_over(
             Phase.FROZEN_WAIT, "last_call_abandoned", f"nobody froze version {version}"
         )

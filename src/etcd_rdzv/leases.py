@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
 from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv.runtime import SYSTEM, Background, Runtime
 from etcd_rdzv.telemetry import Observer
-
-log = logging.getLogger(__name__)
-
 
 # After a failed refresh, the next comes sooner than a third of the TTL: once etcd answers
 # again, a key that expired meanwhile is re-created within about this long.
@@ -76,33 +72,32 @@ class KeepAlive:
             except KeyNotFound:
                 # Torn down, or expired: while etcd was paused or unreachable, or because this
                 # process could not refresh in time. Only the owner can tell which.
-                self._observer.lease_refresh(self.kind, False, clock() - started)
-                restored = self._restored()
+                seconds = clock() - started
+                restored, failure = self._restored()
+                why = "the key is gone" + (f"; re-creating it failed: {failure}" if failure else "")
+                self._observer.lease_refresh(self.kind, False, seconds, why)
                 if restored is None:
                     wait = min(interval, RETRY_AFTER_FAILURE)
                     continue
                 if restored:
                     self._observer.lease_restored(self.kind, self.key)
-                    log.warning("keep-alive key %s had expired; re-created it", self.key)
                     continue
-                log.warning("keep-alive key %s is gone; stopping its refresher", self.key)
+                self._observer.keep_alive_stopped(self.kind, self.key, "key_gone")
                 return
             except Exception as error:
                 # Whatever failed (etcd unreachable, a refused request), keep trying until the
                 # owner stops us: a refresher that died would let the key expire unseen.
-                self._observer.lease_refresh(self.kind, False, clock() - started)
-                log.warning("keep-alive refresh of %s failed: %s", self.key, error)
+                self._observer.lease_refresh(self.kind, False, clock() - started, str(error))
                 wait = min(interval, RETRY_AFTER_FAILURE)
                 continue
             self._observer.lease_refresh(self.kind, True, clock() - started)
 
-    def _restored(self) -> bool | None:
-        """Whether the owner re-created its key (see `restore`); None: it could not tell yet
-        (etcd failed again), ask at the next attempt."""
+    def _restored(self) -> tuple[bool | None, str | None]:
+        """Whether the owner re-created its key (see `restore`); None, with the failure, when
+        it could not tell yet (etcd failed again): ask at the next attempt."""
         if self._restore is None or self._stopped.is_set():
-            return False
+            return False, None
         try:
-            return self._restore()
+            return self._restore(), None
         except Exception as error:
-            log.warning("re-creating keep-alive key %s failed, retrying: %s", self.key, error)
-            return None
+            return None, str(error)

@@ -22,7 +22,6 @@ moved on raises `_StartOver`; `next_rendezvous` starts again from setup until it
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -50,15 +49,13 @@ from etcd_rdzv.kv import (
     KvError,
     OutcomeUnknown,
 )
-from etcd_rdzv.layouts import NodeIdentity, RunPaths, Snapshot, layout_for
+from etcd_rdzv.layouts import NodeIdentity, RunPaths, Snapshot, layout_for, rank_of
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline
 from etcd_rdzv.runtime import SYSTEM, Runtime
 from etcd_rdzv.swap import Keep, Put, SwapExhausted, swap
 from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Outcome, Phase, PhaseScope
-
-log = logging.getLogger(__name__)
 
 D = TypeVar("D")
 
@@ -176,7 +173,6 @@ class EtcdRendezvous:
                     attempt += 1
                     last_problem = f"etcd error: {error}"
                     self._observer.retry(None, "etcd_unavailable", attempt, str(error))
-                    log.warning("rendezvous attempt failed, retrying: %s", error)
                     TRANSIENT_BACKOFF.sleep(min(attempt, 8), deadline, self.runtime)
                     continue
                 scope.annotate(
@@ -273,7 +269,6 @@ class EtcdRendezvous:
         _, snapshot = self.swap_state(
             (placeholder, placeholder_state), Phase.SETUP, replace_placeholder, deadline
         )
-        log.info("opened rendezvous version %d of run %s", version, self.config.run_id)
         return snapshot
 
     def _increment_version_counter(self, deadline: Deadline) -> int:
@@ -329,8 +324,8 @@ class EtcdRendezvous:
                 missing = protocol.missing_keep_alives(state, live)
                 if missing:
                     scope.event("keep_alive_missing", keys=",".join(missing))
-                    log.info("version %d lost %s; tearing it down", version, ", ".join(missing))
-                    self.tear_down(version, entry, Status.FINAL)
+                    ranks = [r for r in map(rank_of, missing) if r is not None]
+                    self.tear_down(version, entry, Status.FINAL, "keep_alive_missing", ranks)
                     return
                 if deadline.expired():
                     raise RendezvousTimeoutError(
@@ -382,7 +377,6 @@ class EtcdRendezvous:
             self._observer.transition(
                 before.version, before.status.value, "closed", before.world_size, True
             )
-            log.info("closed rendezvous of run %s", self.config.run_id)
 
     def members_training_besides(self, membership: Membership | None) -> list[str]:
         """Keep-alive keys of the active final version's other members that still live.
@@ -569,14 +563,32 @@ class EtcdRendezvous:
             raise _StartOver(phase, "state_gone", "no active version") from None
         return entry, self._decode(entry)
 
-    def tear_down(self, version: int, entry: Entry, status: Status) -> None:
-        """Delete the state as last seen, so that a new version can open; if it moved on
-        meanwhile, the next attempt sees how."""
+    def tear_down(
+        self, version: int, entry: Entry, status: Status, reason: str, culprits: list[int]
+    ) -> None:
+        """Delete the state as last seen, so that a new version can open, and say who made
+        the version fail (`culprits`, by rank); if it moved on meanwhile, the next attempt
+        sees how."""
         try:
             self._kv.compare_and_delete(self.paths.active_version, entry)
-            self._observer.transition(version, status.value, "deleted", 0, True)
         except (CompareFailed, KeyNotFound, OutcomeUnknown):
-            pass
+            return
+        self._observer.transition(version, status.value, "deleted", 0, True)
+        self._observer.version_torn_down(version, reason, culprits, self._named(entry, culprits))
+
+    def _named(self, entry: Entry, ranks: list[int]) -> list[str]:
+        """Who held each of `ranks`, as far as the run's keys still tell (claims do; torch's
+        layout keeps no identity but in the keep-alive keys, gone by now)."""
+        try:
+            state = RendezvousState.decode(entry.value, entry.key)
+            joined = self.layout.joined(self._kv, state)
+        except (KvError, EtcdUnavailableError, CorruptStateError):
+            joined = ()
+        named = []
+        for rank in ranks:
+            identity = joined[rank] if 0 <= rank < len(joined) else None
+            named.append(identity.describe() if identity is not None else "unknown")
+        return named
 
     def see(self, state: RendezvousState, made: bool = False) -> None:
         participants = self._participants(state)

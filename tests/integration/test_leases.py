@@ -13,7 +13,7 @@ class RefreshLog(Observer):
     def __init__(self) -> None:
         self.results: list[bool] = []
 
-    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
+    def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         self.results.append(ok)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,12 @@ import pytest
 from etcd_rdzv.kv import KeyNotFound, KeyValue
 from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
 from tests.conftest import EtcdFactory, etcd_keys, only_etcd_api
-from tests.support.harness import ParticipantGroup, check_membership, joined_ranks
+from tests.support.harness import (
+    ParticipantGroup,
+    check_membership,
+    joined_ranks,
+    logged_events,
+)
 from tests.support.waiting import wait_until
 
 BACKEND = "etcd-rdzv"
@@ -191,6 +197,12 @@ def test_dead_participant_keep_alive_expires_and_the_next_version_forms_without_
     check_membership(results)
     assert {r["world_size"] for r in results} == {3}
     assert members[2].pid not in {r["pid"] for r in results}
+    # The node that tore version 1 down says who made it fail, with its run and node.
+    (torn,) = logged_events(newcomer, "version_torn_down")
+    assert (torn["run_id"], torn["version"], torn["reason"]) == (run_id, 1, "keep_alive_missing")
+    assert torn["ranks"] == [dead_rank] and torn["node"]
+    # Its join claim still names the dead node (v3, the claims layout).
+    assert torn["nodes"] == [f"{socket.gethostname()} (pid {members[2].pid})"]
 
 
 def test_two_runs_on_one_etcd_do_not_interfere(

@@ -26,7 +26,7 @@ Invariants, after every step:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -174,14 +174,22 @@ class _NodeObserver(Observer):
         version = attributes.get("version")
         if isinstance(version, int):
             self._run.taking_part[self._name] = version
-        self._strike(phase, "enter")
+        rank = attributes.get("rank")
+        self._strike(phase, "enter", rank)
         with NOOP_OBSERVER.phase(phase) as scope:
             yield scope
-        self._strike(phase, "exit")
+            # A phase learns its rank on the way (a join): the scope's, else the caller's.
+        self._strike(phase, "exit", rank)
 
-    def _strike(self, phase: Phase, when: str) -> None:
+    def _strike(self, phase: Phase, when: str, rank: object = None) -> None:
         if self._die_at == (phase, when) and self._run.crashed_at is None:
+            self._run.victim_rank = rank if isinstance(rank, int) else None
             self._run.crash_now(self._name)
+
+    def version_torn_down(
+        self, version: int, reason: str, ranks: Sequence[int], nodes: Sequence[str]
+    ) -> None:
+        self._run.torn_down.append((version, reason, tuple(ranks)))
 
 
 @dataclass
@@ -193,6 +201,9 @@ class Outcome:
     virtual_seconds: float
     final_at: float | None  # when the liveness goal was met
     crashed_at: float | None = None  # when the `die_at` victim was killed
+    victim_rank: int | None = None  # its rank, where it had one
+    # (version, reason, ranks) of every version a node tore down, as it told its observer
+    torn_down: list[tuple[int, str, tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -241,6 +252,9 @@ class Run:
         self.crashed_at: float | None = None
         self.taking_part: dict[str, int] = {}  # node -> the version it last took part in
         self.broken_versions: set[int] = set()  # versions a node died in
+        self.victim: str | None = None  # the `die_at` victim
+        self.victim_rank: int | None = None  # its rank, where it had one
+        self.torn_down: list[tuple[int, str, tuple[int, ...]]] = []  # as the nodes reported
         self._decoded: tuple[int, RendezvousState] | None = None
         self.sim.on_pick = self._maybe_crash
 
@@ -291,6 +305,8 @@ class Run:
             self.sim.now,
             self.final_at,
             self.crashed_at,
+            self._victim_rank(),
+            self.torn_down,
         )
 
     def _schedule_faults(self, names: list[str]) -> None:
@@ -412,8 +428,20 @@ class Run:
         self.sim.kill(name)
         self._exit(name, "crashed", restart=True)
 
+    def _victim_rank(self) -> int | None:
+        if self.victim_rank is not None or self.victim is None:
+            return self.victim_rank
+        held = [
+            rank
+            for record in self.versions.values()
+            for rank, holder in record.ranks.items()
+            if holder.startswith(f"{self.victim}.")
+        ]
+        return held[-1] if held else None
+
     def crash_now(self, name: str) -> None:
         """Kill `name` where it runs (it unwinds at its next step); it stays dead."""
+        self.victim = name
         self.sim.note("checker", f"kill {name} at {self.scenario.die_at}")
         self.crashed_at = self.sim.now
         self.sim.kill(name)

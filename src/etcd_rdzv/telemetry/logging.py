@@ -153,9 +153,22 @@ class LoggingObserver(Observer):
     def close(self) -> None:
         self._progress.close()
 
-    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
+    def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         if not ok:
-            self._log.warning("keep_alive_refresh_failed", kind=kind, seconds=round(seconds, 6))
+            self._log.warning(
+                "keep_alive_refresh_failed", kind=kind, seconds=round(seconds, 6), error=error
+            )
+
+    def keep_alive_stopped(self, kind: str, key: str, reason: str) -> None:
+        self._log.warning("keep_alive_stopped", kind=kind, key=key, reason=reason)
+
+    def version_torn_down(
+        self, version: int, reason: str, ranks: Sequence[int], nodes: Sequence[str]
+    ) -> None:
+        self._log.warning(
+            "version_torn_down", version=version, reason=reason, ranks=list(ranks),
+            nodes=list(nodes),
+        )  # fmt: skip
 
     def lease_restored(self, kind: str, key: str) -> None:
         self._log.warning("keep_alive_restored", kind=kind, key=key)

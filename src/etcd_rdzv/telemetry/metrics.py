@@ -220,7 +220,7 @@ class MetricsObserver(Observer):
     def nodes_waiting(self, count: int) -> None:
         self._series(self._m.nodes_waiting).set(count)
 
-    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
+    def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         self._series(self._m.lease_refreshes, kind, "ok" if ok else "failed").inc()
         self._series(self._m.lease_refresh_duration, kind).observe(seconds, _exemplar())
 

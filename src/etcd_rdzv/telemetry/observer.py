@@ -103,8 +103,22 @@ class Observer:
     def nodes_waiting(self, count: int) -> None:
         """The number of nodes waiting for this node's version to end, as last read."""
 
-    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
-        """A keep-alive refresh of a TTL key of `kind` (`run`, `rank`)."""
+    def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
+        """A keep-alive refresh of a TTL key of `kind` (`run`, `rank`); `error` says why one
+        failed."""
+
+    def keep_alive_stopped(self, kind: str, key: str, reason: str) -> None:
+        """A refresher of `kind` stopped for good: its `key` is gone and its owner no longer
+        holds what it stood for (`reason` `key_gone`)."""
+
+    def version_torn_down(
+        self, version: int, reason: str, ranks: Sequence[int], nodes: Sequence[str]
+    ) -> None:
+        """This node deleted `version`, which could never complete or go on: `reason`
+        `keep_alive_missing` (members whose keep-alive keys are gone, by rank) or
+        `last_call_abandoned` (the last-call holder, by rank, froze nothing in time). `nodes`
+        names each rank's node ("host (pid N)") where the run's keys still tell, else
+        "unknown"."""
 
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         """One request to etcd; `result` is `ok` or the error kind."""
@@ -186,8 +200,18 @@ class FanOut(Observer):
     def nodes_waiting(self, count: int) -> None:
         self._each("nodes_waiting", lambda o: o.nodes_waiting(count))
 
-    def lease_refresh(self, kind: str, ok: bool, seconds: float) -> None:
-        self._each("lease_refresh", lambda o: o.lease_refresh(kind, ok, seconds))
+    def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
+        self._each("lease_refresh", lambda o: o.lease_refresh(kind, ok, seconds, error))
+
+    def keep_alive_stopped(self, kind: str, key: str, reason: str) -> None:
+        self._each("keep_alive_stopped", lambda o: o.keep_alive_stopped(kind, key, reason))
+
+    def version_torn_down(
+        self, version: int, reason: str, ranks: Sequence[int], nodes: Sequence[str]
+    ) -> None:
+        self._each(
+            "version_torn_down", lambda o: o.version_torn_down(version, reason, ranks, nodes)
+        )
 
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         self._each("etcd_request", lambda o: o.etcd_request(operation, result, seconds))
