@@ -6,9 +6,11 @@ process itself, which also catches an import made by name at run time.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from torch.distributed.elastic.rendezvous import api as torch_rdzv
@@ -83,3 +85,20 @@ def test_errors_leave_the_boundary_as_torch_errors_with_their_traceback() -> Non
 def test_other_exceptions_pass_the_boundary_untouched() -> None:
     with pytest.raises(KeyError), raised_for_torch():
         raise KeyError("x")
+
+
+@pytest.mark.parametrize(
+    "module", ["rendezvous", "layouts", "decisions", "protocol", "swap", "leases", "runtime"]
+)
+def test_the_protocol_logs_only_through_the_observer(module: str) -> None:
+    # Lines written around the observer would lack the run and node every event carries.
+    source = Path(__file__).resolve().parents[2] / "src" / "etcd_rdzv" / f"{module}.py"
+    imported = {
+        alias.name
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
+    }
+    assert "logging" not in imported
