@@ -58,3 +58,10 @@ def test_rank_and_world_size_are_published_when_a_rendezvous_completes() -> None
         )
         == 1
     )
+
+
+def test_the_nodes_a_job_needs_are_published_from_the_start() -> None:
+    registry = CollectorRegistry()
+    MetricsObserver(RendezvousMetrics(registry), "run", (2, 4))
+    assert registry.get_sample_value("etcd_rdzv_min_nodes", {"run_id": "run"}) == 2
+    assert registry.get_sample_value("etcd_rdzv_max_nodes", {"run_id": "run"}) == 4

@@ -69,7 +69,8 @@ def build_telemetry(config: RendezvousConfig) -> Telemetry:
     server = None
     if settings.metrics_port is not None:
         registry = CollectorRegistry()
-        observers.append(MetricsObserver(RendezvousMetrics(registry), config.run_id))
+        nodes = (config.min_nodes, config.max_nodes)
+        observers.append(MetricsObserver(RendezvousMetrics(registry), config.run_id, nodes))
         server = MetricsServer(registry, settings.metrics_addr, settings.metrics_port)
     observers.append(
         LoggingObserver(

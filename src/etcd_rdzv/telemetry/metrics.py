@@ -87,6 +87,12 @@ class RendezvousMetrics:
         self.nodes_waiting = gauge(
             "etcd_rdzv_nodes_waiting", "Nodes waiting to join the next version (final state)."
         )
+        self.min_nodes = gauge(
+            "etcd_rdzv_min_nodes", "The fewest nodes a version forms with (this node's --nnodes)."
+        )
+        self.max_nodes = gauge(
+            "etcd_rdzv_max_nodes", "The most nodes a version takes (this node's --nnodes)."
+        )
         self.current_phase = CurrentPhase()
         registry.register(self.current_phase)
         self.etcd_requests = counter(
@@ -153,7 +159,11 @@ class CurrentPhase(Collector):
 
 
 class MetricsObserver(Observer):
-    def __init__(self, metrics: RendezvousMetrics, run_id: str) -> None:
+    def __init__(
+        self, metrics: RendezvousMetrics, run_id: str, nodes: tuple[int, int] | None = None
+    ) -> None:
+        """`nodes`: this node's (min_nodes, max_nodes), published as gauges: a dashboard or
+        an alert then compares participants with what the job needs."""
         self._m = metrics
         self._run_id = run_id
         self._lock = threading.Lock()
@@ -172,6 +182,9 @@ class MetricsObserver(Observer):
         for call in ("num_nodes_waiting", "is_closed", "shutdown"):
             self._series(self._m.unanswered_calls, call)
         self._series(self._m.closed_while_training)
+        if nodes is not None:
+            self._series(self._m.min_nodes).set(nodes[0])
+            self._series(self._m.max_nodes).set(nodes[1])
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
