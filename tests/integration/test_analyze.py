@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
+from etcd_rdzv.analysis.chart import (
+    NEVER_ARRIVED,
+    STRAGGLER,
+    UNCONFIRMED,
+    UNTRACED,
+    Panel,
+    legend_labels,
+    panels,
+)
 from etcd_rdzv.analysis.spans import AnalysisError, read_spans
+from etcd_rdzv.analysis.timeline import analyze
 from etcd_rdzv.cli import main
 from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.support.harness import Participant, ParticipantGroup, check_membership
@@ -43,6 +53,12 @@ def analyze_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, An
     assert main(["analyze", *argv, "--json"]) == 0
     document: dict[str, Any] = json.loads(capsys.readouterr().out)
     return document
+
+
+def chart(trace_file: Path, run_id: str) -> Panel:
+    """The one version's chart, as `--plot` draws it."""
+    (panel,) = panels(analyze(read_spans([trace_file]), run_id))
+    return panel
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -90,9 +106,12 @@ def test_a_late_node_is_named_and_the_others_waited_in_frozen_wait(
     )
     assert 1.0 < straggler["held_back_seconds"] < 10
     assert len(version["nodes"]) == 3
+    assert len(chart(trace_file, run_id).rows) == 3
+    assert STRAGGLER in legend_labels([chart(trace_file, run_id)])
+    width, _ = png_size(plot)
 
-    # One row per node: the same chart for a trace of only two of the nodes is shorter.
-    width, height = png_size(plot)
+    # Without the late node's trace its rank still has a row, marked as never traced.
+    late_rank = next(node["rank"] for node in version["nodes"] if node["node"] == late_node)
     two = tmp_path / "two.jsonl"
     two.write_text(
         "".join(
@@ -102,8 +121,19 @@ def test_a_late_node_is_named_and_the_others_waited_in_frozen_wait(
         )
     )
     assert main(["analyze", str(two), "--plot", str(tmp_path / "two.png")]) == 0
-    two_width, two_height = png_size(tmp_path / "two.png")
-    assert two_width == width and two_height < height
+    assert f"rank {late_rank} never traced: the version had 3 participants" in (
+        capsys.readouterr().out
+    )
+    two_panel = chart(two, run_id)
+    assert len(two_panel.rows) == 3
+    assert (two_panel.rows[-1].label, two_panel.rows[-1].absent) == (
+        f"rank {late_rank}: no trace",
+        True,
+    )
+    labels = legend_labels([two_panel])
+    assert UNTRACED in labels and STRAGGLER not in labels
+    two_width, _ = png_size(tmp_path / "two.png")
+    assert two_width == width
 
 
 def test_a_node_killed_before_confirming_is_named_and_the_others_wait_in_final_wait(
@@ -161,6 +191,10 @@ def test_a_node_killed_before_confirming_is_named_and_the_others_wait_in_final_w
     assert [f["span"] for f in run["failures"]] == ["rendezvous"] * 2
     assert all("did not complete within 4s" in f["message"] for f in run["failures"])
     png_size(plot)
+    panel = chart(trace_file, run_id)
+    (doomed_row,) = [row for row in panel.rows if row.label.startswith(doomed_node)]
+    assert doomed_row.straggler and UNCONFIRMED in doomed_row.marks
+    assert {STRAGGLER, UNCONFIRMED} <= set(legend_labels([panel]))
 
 
 def test_malformed_and_mismatched_inputs_through_the_cli(
@@ -196,9 +230,16 @@ def test_a_node_that_never_came_is_reported_and_the_present_ones_are_not_blamed(
             assert participant.expect("error", 30)["type"] == "RendezvousTimeoutError"
             assert participant.request({"cmd": "shutdown"}, 30)["value"] is True
 
-    assert main(["analyze", str(trace_file), "--run-id", run_id]) == 0
+    plot = tmp_path / "never_arrived.png"
+    assert main(["analyze", str(trace_file), "--run-id", run_id, "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
     assert "never arrived: 1 of the 3 nodes it needs (min_nodes); the 2 present" in text, text
-    assert "straggler" not in text, text
+    assert "straggler" not in text and "never traced" not in text, text
     (run,) = analyze_json(capsys, str(trace_file), "--run-id", run_id)["runs"]
     assert [(v["never_arrived"], v["stragglers"]) for v in run["versions"]] == [(1, [])]
+    assert [v["untraced_ranks"] for v in run["versions"]] == [[]]
+    png_size(plot)
+    panel = chart(trace_file, run_id)
+    assert panel.rows[-1].label == "1 node never arrived (min 3)"
+    labels = legend_labels([panel])
+    assert NEVER_ARRIVED in labels and STRAGGLER not in labels and UNTRACED not in labels

@@ -10,6 +10,17 @@ from typing import Any
 import pytest
 
 from etcd_rdzv.analysis import command
+from etcd_rdzv.analysis.chart import (
+    ERROR,
+    NEVER_ARRIVED,
+    RETRY,
+    STRAGGLER,
+    UNCONFIRMED,
+    UNTRACED,
+    Panel,
+    legend_labels,
+    panels,
+)
 from etcd_rdzv.analysis.spans import AnalysisError, Span, SpanEvent, read_file
 from etcd_rdzv.analysis.timeline import NEVER_CONFIRMED, analyze, to_json, to_text
 
@@ -28,11 +39,12 @@ def otlp_span(
         attributes.append({"key": "rdzv.version", "value": {"intValue": str(version)}})
     if "outcome" in extra:
         attributes.append({"key": "rdzv.outcome", "value": {"stringValue": extra["outcome"]}})
-    if "min_nodes" in extra:
-        attributes.append({"key": "rdzv.min_nodes", "value": {"intValue": str(extra["min_nodes"])}})
+    for key in ("min_nodes", "rank", "participants"):
+        if key in extra:
+            attributes.append({"key": f"rdzv.{key}", "value": {"intValue": str(extra[key])}})
     return {
         "traceId": "ab" * 16,
-        "spanId": f"{abs(hash((name, node, start))) % 16**16:016x}",
+        "spanId": f"{abs(hash((name, node, start, version))) % 16**16:016x}",
         "name": name,
         "startTimeUnixNano": str(T0 + int(start * S)),
         "endTimeUnixNano": str(T0 + int(end * S)),
@@ -58,6 +70,70 @@ def phases(node: str, late: float = 0.0, confirm: bool = True) -> list[dict[str,
             otlp_span("rendezvous.final_wait", node, 2.1, 2.2),
         ]
     return spans
+
+
+def member(
+    node: str, rank: int, world_size: int, late: float = 0.0, version: int = 1
+) -> list[dict[str, Any]]:
+    """`phases` with the rank and participants real agents annotate (torch's layout); each
+    version 3 s after the one before."""
+    at = 3.0 * (version - 1)
+    begin = at + late
+    ranked = {"rank": rank, "version": version}
+    return [
+        otlp_span("rendezvous.setup", node, begin, begin + 0.01, version=version),
+        otlp_span(
+            "rendezvous.join", node, begin + 0.01, begin + 0.02, participants=rank + 1, **ranked
+        ),
+        otlp_span(
+            "rendezvous.frozen_wait",
+            node,
+            begin + 0.02,
+            at + 2.0,
+            participants=world_size,
+            **ranked,
+        ),
+        otlp_span("rendezvous.confirm", node, at + 2.0, at + 2.1, **ranked),
+        otlp_span("rendezvous.final_wait", node, at + 2.1, at + 2.2, **ranked),
+    ]
+
+
+def waited_for_more(
+    node: str, start: float, min_nodes: int, rank: int | None = None
+) -> list[dict[str, Any]]:
+    """A node that joined a version that never froze, and waited until its timeout."""
+    ranked = {} if rank is None else {"rank": rank, "participants": rank + 1}
+    return [
+        otlp_span("rendezvous.setup", node, start, start + 0.01, min_nodes=min_nodes),
+        otlp_span(
+            "rendezvous.join", node, start + 0.01, start + 0.02, min_nodes=min_nodes, **ranked
+        ),
+        otlp_span(
+            "rendezvous.frozen_wait",
+            node,
+            start + 0.02,
+            5.0,
+            min_nodes=min_nodes,
+            outcome="retry",
+            **({} if rank is None else {"rank": rank}),
+        ),
+    ]
+
+
+def killed_before_confirming() -> list[dict[str, Any]]:
+    """h:2 joined and died; h:1 confirmed and failed waiting for it in final_wait."""
+    waiting = [
+        otlp_span("rendezvous.setup", "h:1", 0.0, 0.01),
+        otlp_span("rendezvous.join", "h:1", 0.01, 0.02),
+        otlp_span("rendezvous.frozen_wait", "h:1", 0.02, 1.0),
+        otlp_span("rendezvous.confirm", "h:1", 1.0, 1.1),
+        otlp_span("rendezvous.final_wait", "h:1", 1.1, 5.1, outcome="error", error=True),
+    ]
+    dead = [  # killed in frozen_wait: only its ended spans were exported
+        otlp_span("rendezvous.setup", "h:2", 0.0, 0.01),
+        otlp_span("rendezvous.join", "h:2", 0.01, 0.03),
+    ]
+    return waiting + dead
 
 
 RETRY_EVENT = {
@@ -178,18 +254,9 @@ def test_late_arrival_is_the_straggler_and_frozen_wait_the_busiest_phase(tmp_pat
 def test_node_that_joined_but_never_confirmed_is_named_with_the_wait_it_caused(
     tmp_path: Path,
 ) -> None:
-    waiting = [
-        otlp_span("rendezvous.setup", "h:1", 0.0, 0.01),
-        otlp_span("rendezvous.join", "h:1", 0.01, 0.02),
-        otlp_span("rendezvous.frozen_wait", "h:1", 0.02, 1.0),
-        otlp_span("rendezvous.confirm", "h:1", 1.0, 1.1),
-        otlp_span("rendezvous.final_wait", "h:1", 1.1, 5.1, outcome="error", error=True),
-    ]
-    dead = [  # killed in frozen_wait: only its ended spans were exported
-        otlp_span("rendezvous.setup", "h:2", 0.0, 0.01),
-        otlp_span("rendezvous.join", "h:2", 0.01, 0.03),
-    ]
-    (report,) = analyze(read_file(write(tmp_path, "t.jsonl", otlp_line(*waiting, *dead))))
+    (report,) = analyze(
+        read_file(write(tmp_path, "t.jsonl", otlp_line(*killed_before_confirming())))
+    )
     (version,) = report.versions
     assert not version.complete
     statuses = {node.node: node.status for node in version.nodes}
@@ -205,24 +272,51 @@ def test_nodes_that_never_came_are_reported_and_those_present_are_not_blamed(
 ) -> None:
     # min 3, two nodes came, 1.5 s apart, and waited until their timeout: the version never
     # froze. Neither of them held anything up; the node that never came did.
-    def waited(node: str, start: float) -> list[dict[str, Any]]:
-        return [
-            otlp_span("rendezvous.setup", node, start, start + 0.01, min_nodes=3),
-            otlp_span("rendezvous.join", node, start + 0.01, start + 0.02, min_nodes=3),
-            otlp_span(
-                "rendezvous.frozen_wait", node, start + 0.02, 5.0, min_nodes=3, outcome="retry"
-            ),
-        ]
-
-    (report,) = analyze(
-        read_file(write(tmp_path, "t.jsonl", otlp_line(*waited("h:1", 0.0), *waited("h:2", 1.5))))
-    )
+    spans = [*waited_for_more("h:1", 0.0, min_nodes=3), *waited_for_more("h:2", 1.5, min_nodes=3)]
+    (report,) = analyze(read_file(write(tmp_path, "t.jsonl", otlp_line(*spans))))
     (version,) = report.versions
     assert (version.min_nodes, version.never_arrived, version.stragglers) == (3, 1, [])
     text = to_text([report])
     assert "never arrived: 1 of the 3 nodes it needs (min_nodes)" in text
     assert "straggler" not in text
     assert to_json([report])["runs"][0]["versions"][0]["never_arrived"] == 1
+
+
+def test_a_rank_without_spans_is_reported_as_never_traced(tmp_path: Path) -> None:
+    # The version froze with 3 participants; rank 2's node left no trace file.
+    spans = [*member("h:1", 0, world_size=3), *member("h:2", 1, world_size=3)]
+    (report,) = analyze(read_file(write(tmp_path, "t.jsonl", otlp_line(*spans))))
+    (version,) = report.versions
+    assert (version.world_size, version.untraced_ranks, version.never_arrived) == (3, [2], 0)
+    text = to_text([report])
+    assert "    rank 2 never traced: the version had 3 participants and no spans name it" in text
+    document = to_json([report])["runs"][0]["versions"][0]
+    assert (document["world_size"], document["untraced_ranks"]) == (3, [2])
+
+
+def test_the_frozen_size_counts_and_a_too_late_claim_names_no_rank(tmp_path: Path) -> None:
+    # Claims: a claim after the version filled names max_nodes as participants and no rank.
+    too_late = otlp_span("rendezvous.join", "h:3", 0.5, 0.6, participants=8, outcome="retry")
+    spans = [*member("h:1", 0, world_size=2), *member("h:2", 1, world_size=2), too_late]
+    (report,) = analyze(read_file(write(tmp_path, "t.jsonl", otlp_line(*spans))))
+    (version,) = report.versions
+    assert (version.world_size, version.untraced_ranks) == (2, [])
+    assert "never traced" not in to_text([report])
+
+
+def test_an_untraced_rank_arrived_and_is_not_counted_as_never_arrived(tmp_path: Path) -> None:
+    # min 4, never froze: ranks 1 and 2 traced, and rank 2's join saw 3 participants, so rank 0
+    # joined too, untraced. One node never came, not two.
+    spans = [
+        *waited_for_more("h:1", 0.0, min_nodes=4, rank=1),
+        *waited_for_more("h:2", 0.5, min_nodes=4, rank=2),
+    ]
+    (report,) = analyze(read_file(write(tmp_path, "t.jsonl", otlp_line(*spans))))
+    (version,) = report.versions
+    assert (version.world_size, version.untraced_ranks, version.never_arrived) == (3, [0], 1)
+    text = to_text([report])
+    assert "never arrived: 1 of the 4 nodes it needs (min_nodes); the 3 present" in text
+    assert "rank 0 never traced" in text
 
 
 def test_a_setup_without_version_belongs_to_the_nodes_next_version(tmp_path: Path) -> None:
@@ -242,7 +336,8 @@ def test_json_report_has_stable_fields(tmp_path: Path, capsys: pytest.CaptureFix
     (version,) = run["versions"]
     assert set(version) == {
         "version", "start", "end", "seconds", "complete", "busiest_phase", "phase_seconds",
-        "last_arrival", "min_nodes", "never_arrived", "stragglers", "nodes",
+        "last_arrival", "min_nodes", "never_arrived", "world_size", "untraced_ranks", "stragglers",
+        "nodes",
     }  # fmt: skip
     assert version["stragglers"][0]["node"] == "h:2"
     assert set(version["nodes"][0]) == {
@@ -293,3 +388,97 @@ def test_plot_without_matplotlib_says_how_to_install(
     assert run_cli(["analyze", str(path), "--plot", str(tmp_path / "t.png")]) == 2
     assert "pip install etcd-rdzv[plot]" in capsys.readouterr().err
     assert not (tmp_path / "t.png").exists()
+
+
+# --- the chart, as data ------------------------------------------------------------------------
+
+
+def chart_of(tmp_path: Path, spans: list[dict[str, Any]]) -> list[Panel]:
+    return panels(analyze(read_file(write(tmp_path, "t.jsonl", otlp_line(*spans)))))
+
+
+COMPLETED_PHASES = ["setup", "join", "frozen_wait", "confirm", "final_wait"]
+
+
+def test_the_legend_has_no_straggler_when_no_drawn_row_is_one(tmp_path: Path) -> None:
+    chart = chart_of(tmp_path, [*member("h:1", 0, 2), *member("h:2", 1, 2, late=0.005)])
+    assert not any(row.straggler for panel in chart for row in panel.rows)
+    assert legend_labels(chart) == COMPLETED_PHASES
+
+
+def test_the_legend_has_straggler_when_a_drawn_row_is_one(tmp_path: Path) -> None:
+    spans = [*member("h:1", 0, 2), *member("h:2", 1, 2, late=1.5)]
+    # h:1's setup started over: its bar is hatched, and the legend says what that means.
+    spans[0] = otlp_span("rendezvous.setup", "h:1", 0.0, 0.01, outcome="retry")
+    (panel,) = chart_of(tmp_path, spans)
+    assert [(row.label, row.straggler) for row in panel.rows] == [
+        ("h:1 (rank 0)", False),
+        ("h:2 (rank 1)", True),
+    ]
+    assert legend_labels([panel]) == [*COMPLETED_PHASES, RETRY, STRAGGLER]
+
+
+def test_an_untraced_rank_has_a_row_across_the_version_and_its_legend_entry(
+    tmp_path: Path,
+) -> None:
+    (panel,) = chart_of(tmp_path, [*member("h:1", 0, 3), *member("h:2", 1, 3)])
+    assert [row.label for row in panel.rows] == ["h:1 (rank 0)", "h:2 (rank 1)", "rank 2: no trace"]
+    missing = panel.rows[-1]
+    assert missing.absent and not missing.straggler
+    (across,) = missing.segments
+    assert (across.kind, across.start) == (UNTRACED, 0.0)
+    assert across.seconds == pytest.approx(2.2)
+    assert legend_labels([panel]) == [*COMPLETED_PHASES, UNTRACED]
+
+
+def test_nodes_that_never_arrived_have_one_row_and_no_straggler(tmp_path: Path) -> None:
+    spans = [*waited_for_more("h:1", 0.0, min_nodes=4), *waited_for_more("h:2", 1.5, min_nodes=4)]
+    (panel,) = chart_of(tmp_path, spans)
+    assert [row.label for row in panel.rows] == ["h:1", "h:2", "2 nodes never arrived (min 4)"]
+    assert [segment.kind for segment in panel.rows[-1].segments] == [NEVER_ARRIVED]
+    assert legend_labels([panel]) == ["setup", "join", "frozen_wait", RETRY, NEVER_ARRIVED]
+
+
+def test_a_node_that_never_confirmed_is_drawn_absent_until_the_version_ends(
+    tmp_path: Path,
+) -> None:
+    (panel,) = chart_of(tmp_path, killed_before_confirming())
+    survivor, dead = panel.rows
+    assert dead.straggler and not survivor.straggler
+    gone = dead.segments[-1]
+    assert gone.kind == UNCONFIRMED
+    assert gone.start == pytest.approx(0.03) and gone.seconds == pytest.approx(5.07)
+    assert UNCONFIRMED not in survivor.marks
+    assert legend_labels([panel]) == [*COMPLETED_PHASES, ERROR, STRAGGLER, UNCONFIRMED]
+
+
+def test_the_legend_covers_the_marks_of_every_drawn_version(tmp_path: Path) -> None:
+    # Version 2 lost rank 1's trace: its row is drawn there only, and the legend names it.
+    spans = [
+        *member("h:1", 0, world_size=2),
+        *member("h:2", 1, world_size=2),
+        *member("h:1", 0, world_size=2, version=2),
+    ]
+    chart = chart_of(tmp_path, spans)
+    assert [row.label for row in chart[0].rows] == ["h:1 (rank 0)", "h:2 (rank 1)"]
+    assert [row.label for row in chart[1].rows] == ["h:1 (rank 0)", "rank 1: no trace"]
+    assert legend_labels(chart) == [*COMPLETED_PHASES, UNTRACED]
+
+
+def test_plot_writes_a_png_with_a_row_for_the_untraced_rank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import matplotlib.image
+
+    def plotted(world_size: int) -> tuple[int, int]:
+        spans = [*member("h:1", 0, world_size), *member("h:2", 1, world_size)]
+        path = write(tmp_path, f"w{world_size}.jsonl", otlp_line(*spans))
+        png = tmp_path / f"w{world_size}.png"
+        assert run_cli(["analyze", str(path), "--plot", str(png)]) == 0
+        assert f"plot written to {png}" in capsys.readouterr().out
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = matplotlib.image.imread(png).shape[:2]
+        return width, height
+
+    (width, height), (width_with_missing, height_with_missing) = plotted(2), plotted(3)
+    assert width_with_missing == width and height_with_missing > height

@@ -1,12 +1,29 @@
-"""Gantt charts of versions: one row per node, one bar per phase, stragglers in red."""
+"""Gantt charts of versions: one row per node, one bar per phase, stragglers in red, and a
+hatched row for each rank or node that left no spans. `chart` decides what; this draws it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from etcd_rdzv.analysis.chart import (
+    ABSENCES,
+    ERROR,
+    NEVER_ARRIVED,
+    RETRY,
+    STRAGGLER,
+    UNCONFIRMED,
+    UNTRACED,
+    Panel,
+    Row,
+    Segment,
+    legend_labels,
+    panels,
+)
 from etcd_rdzv.analysis.spans import AnalysisError
-from etcd_rdzv.analysis.timeline import PHASES, RunReport, VersionReport
+from etcd_rdzv.analysis.timeline import RunReport
 
 PHASE_COLORS = {
     "setup": "#9e9e9e",
@@ -17,9 +34,21 @@ PHASE_COLORS = {
     "final_wait": "#bcbd22",
     "wait_next_version": "#17becf",
 }
+OTHER_PHASE_COLOR = "#444444"
 STRAGGLER_COLOR = "#d62728"
+ABSENT_COLOR = "#7f7f7f"
+# Each mark's look, shared by the bars and the legend so that the two cannot disagree.
+OUTCOME_HATCHES = {RETRY: "//", ERROR: "xx"}
+ABSENCE_STYLES: dict[str, dict[str, Any]] = {
+    UNCONFIRMED: {"edgecolor": STRAGGLER_COLOR, "hatch": "--"},
+    UNTRACED: {"edgecolor": ABSENT_COLOR, "hatch": ".."},
+    NEVER_ARRIVED: {"edgecolor": ABSENT_COLOR, "hatch": "\\\\"},
+}
 _ROW_INCHES = 0.45
 _HEADER_INCHES = 1.2
+_LEGEND_COLUMNS = 7
+_LEGEND_ROW_INCHES = 0.3
+_BAR_HEIGHT = 0.6
 
 
 def plot(reports: Sequence[RunReport], path: Path) -> None:
@@ -34,25 +63,28 @@ def plot(reports: Sequence[RunReport], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    panels = [(report.run_id, version) for report in reports for version in report.versions]
-    if not panels:
+    drawn = panels(reports)
+    if not drawn:
         raise AnalysisError("nothing to plot: no version has phase spans")
-    rows = sum(len(version.nodes) for _, version in panels)
-    height = _HEADER_INCHES * len(panels) + _ROW_INCHES * rows
+    labels = legend_labels(drawn)
+    # Rows as even as they can be: matplotlib fills a legend's columns top to bottom.
+    legend_rows = math.ceil(len(labels) / _LEGEND_COLUMNS)
+    columns = math.ceil(len(labels) / legend_rows)
+    legend_inches = _LEGEND_ROW_INCHES * legend_rows + 0.15
+    rows = sum(len(panel.rows) for panel in drawn)
+    height = _HEADER_INCHES * len(drawn) + _ROW_INCHES * rows + legend_inches
     figure, axes = plt.subplots(
-        len(panels),
+        len(drawn),
         1,
         figsize=(11, height),
         squeeze=False,
-        gridspec_kw={"height_ratios": [len(v.nodes) + 1.5 for _, v in panels]},
+        gridspec_kw={"height_ratios": [len(panel.rows) + 1.5 for panel in drawn]},
     )
-    used: set[str] = set()
-    for (run_id, version), ax in zip(panels, axes[:, 0], strict=True):
-        used |= _draw_version(ax, run_id, version)
-    handles = [Patch(color=PHASE_COLORS.get(p, "#444444"), label=p) for p in PHASES if p in used]
-    handles.append(Patch(facecolor="white", edgecolor=STRAGGLER_COLOR, label="straggler"))
-    figure.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
+    for panel, ax in zip(drawn, axes[:, 0], strict=True):
+        _draw_panel(ax, panel)
+    handles = [Patch(label=label, **_legend_style(label)) for label in labels]
+    figure.legend(handles=handles, loc="upper center", ncol=columns, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 1 - legend_inches / height))
     try:
         figure.savefig(path, dpi=100)
     except OSError as error:
@@ -61,42 +93,54 @@ def plot(reports: Sequence[RunReport], path: Path) -> None:
         plt.close(figure)
 
 
-def _draw_version(ax: object, run_id: str, version: VersionReport) -> set[str]:
+def _draw_panel(ax: object, panel: Panel) -> None:
     from matplotlib.axes import Axes
 
     assert isinstance(ax, Axes)
-    origin = version.start_ns
-    stragglers = {s.node for s in version.stragglers}
-    used: set[str] = set()
-    for row, node in enumerate(version.nodes):
-        late = node.node in stragglers
-        for bar in node.bars:
-            used.add(bar.phase)
+    for index, row in enumerate(panel.rows):
+        for segment in row.segments:
             ax.barh(
-                row,
-                bar.seconds,
-                left=(bar.start_ns - origin) / 1e9,
-                height=0.6,
-                color=PHASE_COLORS.get(bar.phase, "#444444"),
-                edgecolor=STRAGGLER_COLOR if late else "black",
-                linewidth=2.0 if late else 0.4,
-                hatch="//" if bar.outcome != "ok" else None,
+                index,
+                segment.seconds,
+                left=segment.start,
+                height=_BAR_HEIGHT,
+                **_segment_style(segment, row),
             )
-    ax.set_yticks(range(len(version.nodes)))
-    ax.set_yticklabels([_label(n.node, n.rank) for n in version.nodes])
-    for label, node in zip(ax.get_yticklabels(), version.nodes, strict=True):
-        if node.node in stragglers:
+    ax.set_yticks(range(len(panel.rows)))
+    ax.set_yticklabels([row.label for row in panel.rows])
+    for label, row in zip(ax.get_yticklabels(), panel.rows, strict=True):
+        if row.straggler:
             label.set_color(STRAGGLER_COLOR)
             label.set_fontweight("bold")
+        elif row.absent:
+            label.set_color(ABSENT_COLOR)
+            label.set_fontstyle("italic")
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the version's first phase")
-    state = "complete" if version.complete else "incomplete"
-    ax.set_title(
-        f"run {run_id}, version {version.version}: {version.seconds:.3f} s, {state}", loc="left"
-    )
+    ax.set_title(panel.title, loc="left")
     ax.grid(axis="x", alpha=0.3)
-    return used
 
 
-def _label(node: str, rank: int | None) -> str:
-    return node if rank is None else f"{node} (rank {rank})"
+def _segment_style(segment: Segment, row: Row) -> dict[str, Any]:
+    if segment.kind in ABSENCES:
+        return _absence_style(segment.kind)
+    return {
+        "color": PHASE_COLORS.get(segment.kind, OTHER_PHASE_COLOR),
+        "edgecolor": STRAGGLER_COLOR if row.straggler else "black",
+        "linewidth": 2.0 if row.straggler else 0.4,
+        "hatch": None if segment.outcome_mark is None else OUTCOME_HATCHES[segment.outcome_mark],
+    }
+
+
+def _absence_style(kind: str) -> dict[str, Any]:
+    return {"facecolor": "white", "linestyle": "--", "linewidth": 0.8, **ABSENCE_STYLES[kind]}
+
+
+def _legend_style(label: str) -> dict[str, Any]:
+    if label in ABSENCES:
+        return _absence_style(label)
+    if label in OUTCOME_HATCHES:
+        return {"facecolor": "white", "edgecolor": "black", "hatch": OUTCOME_HATCHES[label]}
+    if label == STRAGGLER:
+        return {"facecolor": "white", "edgecolor": STRAGGLER_COLOR, "linewidth": 2.0}
+    return {"color": PHASE_COLORS.get(label, OTHER_PHASE_COLOR)}

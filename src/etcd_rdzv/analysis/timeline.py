@@ -21,6 +21,8 @@ PHASES = (
 )
 # A last arrival this far behind the others is called a straggler.
 DEFAULT_LATE_THRESHOLD_SECONDS = 0.5
+# Phases a node enters only once the version froze: their `rdzv.participants` is its final size.
+_FROZEN_SIZE_PHASES = frozenset({"frozen_wait", "wait_next_version"})
 
 # Node statuses within a version.
 COMPLETED = "completed"  # confirmed, and its final wait ended well
@@ -107,6 +109,17 @@ class VersionReport:
     # that never froze: then they, not the nodes present, held it up.
     min_nodes: int | None = None
     never_arrived: int = 0
+    # How many took part, as the spans' `rdzv.participants` say: the frozen size once a node saw
+    # it frozen, else the most that had joined; None when no span says.
+    world_size: int | None = None
+
+    @property
+    def untraced_ranks(self) -> list[int]:
+        """Ranks the version had that no node's spans name: their node left no trace here."""
+        if self.world_size is None:
+            return []
+        traced = {node.rank for node in self.nodes}
+        return [rank for rank in range(self.world_size) if rank not in traced]
 
     @property
     def start_ns(self) -> int:
@@ -225,13 +238,17 @@ def _analyze_version(
     version: int, nodes: dict[str, list[Span]], late_threshold: float
 ) -> VersionReport:
     timelines = [_node_timeline(node, spans) for node, spans in sorted(nodes.items())]
-    report = VersionReport(version, timelines, min_nodes=_min_nodes(nodes))
+    report = VersionReport(
+        version, timelines, min_nodes=_min_nodes(nodes), world_size=_world_size(nodes)
+    )
     joined = [node for node in timelines if node.joined_ns is not None]
+    # A rank whose node left no spans still arrived: count it, not as a node that never came.
+    arrived = max(len(joined), report.world_size or 0)
     # Nodes confirm only once the version froze: without any confirmation it never did.
     froze = any(bar.phase == "confirm" for node in timelines for bar in node.bars)
-    if not froze and report.min_nodes is not None and len(joined) < report.min_nodes:
+    if not froze and report.min_nodes is not None and arrived < report.min_nodes:
         # Waiting for nodes that never came: the ones present held nobody back.
-        report.never_arrived = report.min_nodes - len(joined)
+        report.never_arrived = report.min_nodes - arrived
     if len(joined) >= 2:
         last = max(joined, key=lambda node: node.joined_ns or 0)
         others = [node.joined_ns or 0 for node in joined if node is not last]
@@ -266,6 +283,23 @@ def _min_nodes(nodes: dict[str, list[Span]]) -> int | None:
         if isinstance(value := span.attributes.get("rdzv.min_nodes"), int)
     )
     return values.most_common(1)[0][0] if values else None
+
+
+def _world_size(nodes: dict[str, list[Span]]) -> int | None:
+    """The version's size: as frozen, where a span saw it so, else the most joined that a join
+    saw (a join claimed too late has no rank, and names max_nodes rather than who joined)."""
+    frozen: list[int] = []
+    joined: list[int] = []
+    for span in (span for spans in nodes.values() for span in spans):
+        participants = span.attributes.get("rdzv.participants")
+        if not isinstance(participants, int) or isinstance(participants, bool):
+            continue
+        if span.phase in _FROZEN_SIZE_PHASES:
+            frozen.append(participants)
+        elif span.phase == "join" and span.rank is not None:
+            joined.append(participants)
+    sizes = frozen or joined
+    return max(sizes) if sizes else None
 
 
 def _node_timeline(node: str, spans: list[Span]) -> NodeTimeline:
@@ -394,6 +428,8 @@ def _run_json(report: RunReport) -> dict[str, Any]:
                 },
                 "min_nodes": v.min_nodes,
                 "never_arrived": v.never_arrived,
+                "world_size": v.world_size,
+                "untraced_ranks": v.untraced_ranks,
                 "stragglers": [
                     {
                         "node": s.node,
@@ -465,11 +501,18 @@ def to_text(reports: Sequence[RunReport]) -> str:
 def _version_text(v: VersionReport) -> list[str]:
     state = "complete" if v.complete else "incomplete"
     lines = [f"  version {v.version}: {v.seconds:.3f} s, {state}, {len(v.nodes)} node(s)"]
-    if v.never_arrived:
-        present = len(v.nodes) - sum(1 for node in v.nodes if node.status == NOT_JOINED)
+    if v.never_arrived and v.min_nodes is not None:
+        present = v.min_nodes - v.never_arrived
         lines.append(
             f"    never arrived: {v.never_arrived} of the {v.min_nodes} nodes it needs "
             f"(min_nodes); the {present} present waited for them, and held nobody back"
+        )
+    if v.untraced_ranks:
+        them = "them" if len(v.untraced_ranks) > 1 else "it"
+        lines.append(
+            f"    {_ranks_text(v.untraced_ranks)} never traced: the version had {v.world_size} "
+            f"participants and no spans name {them} (a trace file missing, or a node that died "
+            "before exporting)"
         )
     if v.last_arrival is not None:
         lines.append(
@@ -494,6 +537,11 @@ def _version_text(v: VersionReport) -> list[str]:
         )
         lines.append(f"    {node.node} rank {rank} {node.status}: {phases}")
     return lines
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    """`rank 2`, `ranks 0, 2`."""
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
 def _retries_text(report: RunReport) -> list[str]:
