@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 Snapshot = tuple[Entry, RendezvousState]
 
 _RANK_KEY = re.compile(r"/rank_(\d+)$")
+_DEPARTURE_KEY = re.compile(r"/left_rank_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,15 @@ class RunPaths:
         """The prefix every keep-alive key of a version starts with."""
         return f"{self.run}/rdzv/v_{version}/rank_"
 
+    def departure(self, version: int, rank: int) -> str:
+        """Ours: written by a member that leaves its version on purpose, before it deletes its
+        keep-alive key, so that readers can tell a node that left from one that was lost."""
+        return f"{self.run}/rdzv/v_{version}/left_rank_{rank}"
+
+    def ending(self, version: int) -> str:
+        """Ours: written by the node that tears a version down: why, and who made it fail."""
+        return f"{self.run}/rdzv/v_{version}/ended"
+
 
 def rank_of(key: str) -> int | None:
     """The rank a keep-alive key (`.../v_N/rank_R`) holds, None for any other key."""
@@ -93,30 +103,128 @@ class NodeIdentity:
     addr: str | None
     pid: int | None
     ttl: float | None = None  # the TTL the node renews its key to
+    at: float | None = None  # unix time the node wrote the key: when it joined or confirmed
 
     def encode(self) -> str:
-        document = {"host": self.host, "addr": self.addr, "pid": self.pid, "ttl": self.ttl}
-        return json.dumps(document, separators=(",", ":"))
+        return json.dumps(self.fields(), separators=(",", ":"))
+
+    def fields(self) -> dict[str, object]:
+        document: dict[str, object] = {
+            "host": self.host,
+            "addr": self.addr,
+            "pid": self.pid,
+            "ttl": self.ttl,
+        }
+        if self.at is not None:
+            document["at"] = self.at
+        return document
 
     @classmethod
     def parse(cls, raw: str) -> NodeIdentity | None:
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(document, dict):
-            return None
-        pid, ttl = document.get("pid"), document.get("ttl")
+        document = _json_object(raw)
+        return None if document is None else cls.from_fields(document)
+
+    @classmethod
+    def from_fields(cls, document: Mapping[str, object]) -> NodeIdentity:
+        pid = document.get("pid")
         return cls(
             host=_optional_str(document.get("host")),
             addr=_optional_str(document.get("addr")),
             pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-            ttl=float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None,
+            ttl=_optional_seconds(document.get("ttl")),
+            at=_optional_seconds(document.get("at")),
         )
 
     def describe(self) -> str:
         where = self.host or self.addr or "an unknown host"
         return f"{where} (pid {self.pid})" if self.pid is not None else where
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A member that left its version on purpose (`RunPaths.departure`)."""
+
+    rank: int
+    node: NodeIdentity  # its `at` is when it left
+    reason: str  # "rendezvous_again" (its agent restarts its workers) or "stopped"
+
+    def encode(self) -> str:
+        return json.dumps({**self.node.fields(), "reason": self.reason}, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, rank: int, raw: str) -> Departure | None:
+        document = _json_object(raw)
+        if document is None:
+            return None
+        return cls(rank, NodeIdentity.from_fields(document), str(document.get("reason", "")))
+
+
+@dataclass(frozen=True)
+class Culprit:
+    rank: int
+    node: NodeIdentity | None  # who held it, where the keys told
+
+
+def describe_rank(rank: int, node: NodeIdentity | None) -> str:
+    """`rank 1 (vm-b, pid 18405)`, as far as the keys name its node: how every reader
+    names a rank."""
+    if node is None:
+        return f"rank {rank}"
+    where = node.host or node.addr or "an unknown host"
+    return (
+        f"rank {rank} ({where}, pid {node.pid})"
+        if node.pid is not None
+        else f"rank {rank} ({where})"
+    )
+
+
+@dataclass(frozen=True)
+class VersionEnd:
+    """Why a version was torn down, by whom and when (`RunPaths.ending`)."""
+
+    reason: str  # the `reason` of the observer's `version_torn_down` event
+    culprits: tuple[Culprit, ...]
+    by: NodeIdentity  # the node that tore it down; its `at` is when
+
+    def encode(self) -> str:
+        culprits = [
+            {"rank": c.rank, "node": c.node.fields() if c.node else None} for c in self.culprits
+        ]
+        document = {"reason": self.reason, "culprits": culprits, "by": self.by.fields()}
+        return json.dumps(document, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, raw: str) -> VersionEnd | None:
+        document = _json_object(raw)
+        if document is None:
+            return None
+        by = document.get("by")
+        culprits = document.get("culprits")
+        return cls(
+            reason=str(document.get("reason", "")),
+            culprits=tuple(
+                Culprit(c["rank"], _identity_or_none(c.get("node")))
+                for c in (culprits if isinstance(culprits, list) else [])
+                if isinstance(c, dict) and isinstance(c.get("rank"), int)
+            ),
+            by=NodeIdentity.from_fields(by if isinstance(by, dict) else {}),
+        )
+
+
+def departures(entries: Iterable[Entry]) -> dict[int, Departure]:
+    """The departures recorded among a version's keys, by rank."""
+    found = {}
+    for entry in entries:
+        match = _DEPARTURE_KEY.search(entry.key)
+        if match and (departure := Departure.parse(int(match.group(1)), entry.value)):
+            found[departure.rank] = departure
+    return found
+
+
+def version_end(entries: Iterable[Entry], paths: RunPaths, version: int) -> VersionEnd | None:
+    """The ending recorded among a version's keys, if it was torn down by a node of ours."""
+    key = paths.ending(version)
+    return next((VersionEnd.parse(e.value) for e in entries if e.key == key), None)
 
 
 @dataclass(frozen=True)
@@ -129,6 +237,18 @@ class RankView:
     confirmed: bool | None  # None: nobody confirms in this state (joinable, setup, closed)
     identity: NodeIdentity | None
     expires_in: float | None = None  # seconds the keep-alive key has left
+    joined_at: float | None = None  # unix time of its join claim (claims layout)
+    confirmed_at: float | None = None  # unix time it wrote its keep-alive key
+    left: Departure | None = None  # it left the version on purpose
+
+    @property
+    def overdue(self) -> bool:
+        """Its keep-alive was not renewed for two renewal periods and a second: its node
+        stopped renewing (dead, stopped, or cut off from etcd) unless etcd itself was slow."""
+        age = self.keep_alive_age
+        if age is None or self.identity is None or self.identity.ttl is None:
+            return False
+        return age > 2 * self.identity.ttl / 3 + 1.0
 
     @property
     def keep_alive_age(self) -> float | None:
@@ -164,6 +284,17 @@ class KeyLayout:
         """Whether the document alone says who joined (else count the join claims)."""
         return True
 
+    def state_expires(self, state: RendezvousState, nodes: tuple[int, int] | None) -> bool:
+        """Whether the state key's TTL is its own: it expires if the nodes that should move
+        it on are gone (else its TTL, over v3, is the run's). A setup placeholder and a frozen
+        state always; in torch's layout a joinable one from min_nodes on (its last-call
+        holder renews it), or when the node does not know min_nodes."""
+        if state.status in (Status.SETUP, Status.FROZEN):
+            return True
+        if state.status is not Status.JOINABLE or self.joins_by_claims:
+            return False
+        return nodes is None or state.world_size >= nodes[0]
+
     def confirmed_ranks(
         self, state: RendezvousState, live_keep_alives: Iterable[str]
     ) -> frozenset[int] | None:
@@ -196,27 +327,31 @@ class KeyLayout:
         list), from the version's live keep-alive keys; a rank without one is named by who
         `joined` it, when the layout tells."""
         assert state.version is not None
+        entries = tuple(keep_alives)
         by_rank: Mapping[int, Entry] = {
-            rank: entry for entry in keep_alives if (rank := rank_of(entry.key)) is not None
+            rank: entry for entry in entries if (rank := rank_of(entry.key)) is not None
         }
+        left = departures(entries)
         confirmed = self.confirmed_ranks(state, (entry.key for entry in by_rank.values()))
-        return tuple(
-            RankView(
-                rank=rank,
-                keep_alive_key=self.paths.keep_alive(state.version, rank),
-                keep_alive=rank in by_rank,
-                confirmed=None if confirmed is None else rank in confirmed,
-                identity=(
-                    NodeIdentity.parse(by_rank[rank].value)
-                    if rank in by_rank
-                    else joined[rank]
-                    if rank < len(joined)
-                    else None
-                ),
-                expires_in=time_left(by_rank[rank]) if rank in by_rank else None,
+        views = []
+        for rank in sorted({*state.participants, *by_rank}):
+            claim = joined[rank] if rank < len(joined) else None
+            key = NodeIdentity.parse(by_rank[rank].value) if rank in by_rank else None
+            is_confirmed = None if confirmed is None else rank in confirmed
+            views.append(
+                RankView(
+                    rank=rank,
+                    keep_alive_key=self.paths.keep_alive(state.version, rank),
+                    keep_alive=rank in by_rank,
+                    confirmed=is_confirmed,
+                    identity=key or claim or (left[rank].node if rank in left else None),
+                    expires_in=time_left(by_rank[rank]) if rank in by_rank else None,
+                    joined_at=claim.at if claim is not None else None,
+                    confirmed_at=key.at if key is not None and is_confirmed else None,
+                    left=left.get(rank),
+                )
             )
-            for rank in sorted({*state.participants, *by_rank})
-        )
+        return tuple(views)
 
 
 class TorchLayout(KeyLayout):
@@ -267,6 +402,9 @@ class TorchLayout(KeyLayout):
         clock = node.runtime.monotonic
         refresh_every = node.config.ttls.joinable / 3
         window_ends = clock() + node.config.last_call_timeout
+        node._observer.last_call_deadline(
+            version, node.runtime.time() + node.config.last_call_timeout
+        )
         refresh_due = clock() + refresh_every
         while True:
             times = decisions.LastCallClock(clock(), window_ends, refresh_due)
@@ -378,6 +516,9 @@ class ClaimsLayout(KeyLayout):
         """The last call: nothing to keep fresh (the joinable state has no TTL, see
         `decisions.abandoned_after`); at the end, count the claims and freeze with as many."""
         window = node.deadline(node.config.last_call_timeout)
+        node._observer.last_call_deadline(
+            version, node.runtime.time() + node.config.last_call_timeout
+        )
         snapshot = _await_frozen(node, Phase.LAST_CALL, version, snapshot, deadline, until=window)
         if snapshot[1].is_version(Status.FROZEN, version):
             return snapshot  # the claim that filled the version froze it
@@ -501,3 +642,19 @@ def _await_frozen(
 
 def _optional_str(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _optional_seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _identity_or_none(fields: object) -> NodeIdentity | None:
+    return NodeIdentity.from_fields(fields) if isinstance(fields, dict) else None
+
+
+def _json_object(raw: str) -> dict[str, object] | None:
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None

@@ -125,11 +125,39 @@ def _entered(state: RendezvousState, now: float | None) -> RendezvousState:
 
 def entered_at(state: RendezvousState) -> float | None:
     """Unix time at which the state entered its status, when a node of ours recorded it."""
+    stamp = _current_stamp(state)
+    return None if stamp is None else _seconds(stamp.get("at"))
+
+
+def entered_by(state: RendezvousState) -> Mapping[str, Any] | None:
+    """The identity (`layouts.NodeIdentity` fields) of the node of ours that moved the state
+    into its status, when it signed its stamp (`signed`)."""
+    stamp = _current_stamp(state)
+    by = None if stamp is None else stamp.get("by")
+    return by if isinstance(by, dict) else None
+
+
+def signed(state: RendezvousState, by: Mapping[str, Any]) -> RendezvousState:
+    """`state` with its writer named in the stamp of the status it just entered: who opened,
+    froze, finalized or closed a version. The driver signs what it writes; a rewrite within
+    a status (a join in torch's layout) keeps the signature of the node that entered it."""
+    stamp = state.extra.get(SINCE_FIELD)
+    if not isinstance(stamp, dict) or stamp.get("status") != state.status.value:
+        return state
+    if "by" in stamp:
+        return state
+    return replace(state, extra={**state.extra, SINCE_FIELD: {**stamp, "by": dict(by)}})
+
+
+def _current_stamp(state: RendezvousState) -> Mapping[str, Any] | None:
     stamp = state.extra.get(SINCE_FIELD)
     if not isinstance(stamp, dict) or stamp.get("status") != state.status.value:
         return None
-    at = stamp.get("at")
-    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+    return stamp
+
+
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 # --- the rules (each takes `now`, to record when a status begins) -----------------------------
@@ -150,19 +178,52 @@ TRACE_FIELD = "etcd_rdzv_trace"
 NODES_FIELD = "etcd_rdzv_nodes"
 
 
+# Ours, not torch's: the opener's time limits, so that a reader (`etcd-rdzv status`) can say
+# when the last call ends, when a node times out and when a key expires, without flags.
+TIMING_FIELD = "etcd_rdzv_timing"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The time limits, in seconds, a version's nodes run with (their opener's)."""
+
+    last_call_timeout: float
+    timeout: float
+    joinable_ttl: float
+    frozen_ttl: float
+    keep_alive_ttl: float
+
+    def encode(self) -> dict[str, float]:
+        return {name: value for name, value in vars(self).items()}
+
+
 def open_version(
     version: int,
     *,
     now: float | None = None,
     trace_context: str | None = None,
     nodes: tuple[int, int] | None = None,
+    timing: Timing | None = None,
 ) -> RendezvousState:
     extra: dict[str, Any] = {}
     if trace_context is not None:
         extra[TRACE_FIELD] = trace_context
     if nodes is not None:
         extra[NODES_FIELD] = list(nodes)
+    if timing is not None:
+        extra[TIMING_FIELD] = timing.encode()
     return _entered(RendezvousState(Status.JOINABLE, version=version, extra=extra), now)
+
+
+def declared_timing(state: RendezvousState) -> Timing | None:
+    """The time limits the version was opened with, when its opener recorded them."""
+    document = state.extra.get(TIMING_FIELD)
+    if not isinstance(document, dict):
+        return None
+    values = {name: _seconds(document.get(name)) for name in Timing.__dataclass_fields__}
+    if any(value is None for value in values.values()):
+        return None
+    return Timing(**{name: value for name, value in values.items() if value is not None})
 
 
 def declared_nodes(state: RendezvousState) -> tuple[int, int] | None:
@@ -208,7 +269,23 @@ def join(
     # From min_nodes on the state is ephemeral: if the last-call holder dies, it expires.
     lifetime = Lifetime.JOINABLE if len(participants) >= min_nodes else Lifetime.PERMANENT
     joined = replace(state, participants=participants)
-    return Joined(joined, rank, lifetime, holds_last_call=rank == min_nodes - 1)
+    holds_last_call = rank == min_nodes - 1
+    if holds_last_call and now is not None:
+        joined = replace(joined, extra={**joined.extra, LAST_CALL_FIELD: round(now, 3)})
+    return Joined(joined, rank, lifetime, holds_last_call=holds_last_call)
+
+
+# Ours, not torch's: when the join that reached min_nodes began the last call (torch's
+# layout; under claims that join's claim records it). A torch node's join records nothing.
+LAST_CALL_FIELD = "etcd_rdzv_last_call_since"
+
+
+def last_call_since(state: RendezvousState) -> float | None:
+    """Unix time the last call of a joinable state began, when the node of ours holding it
+    recorded it in the document (torch's layout)."""
+    if state.status is not Status.JOINABLE:
+        return None
+    return _seconds(state.extra.get(LAST_CALL_FIELD))
 
 
 def freeze(

@@ -22,13 +22,14 @@ moved on raises `_StartOver`; `next_rendezvous` starts again from setup until it
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from etcd_rdzv import decisions, protocol
@@ -49,7 +50,17 @@ from etcd_rdzv.kv import (
     KvError,
     OutcomeUnknown,
 )
-from etcd_rdzv.layouts import NodeIdentity, RunPaths, Snapshot, layout_for, rank_of
+from etcd_rdzv.layouts import (
+    Culprit,
+    Departure,
+    NodeIdentity,
+    RunPaths,
+    Snapshot,
+    VersionEnd,
+    departures,
+    layout_for,
+    rank_of,
+)
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline
@@ -110,14 +121,18 @@ class EtcdRendezvous:
         self._observer = observer
         self._run_keep_alive: KeepAlive | None = None
         self._rank_keep_alive: KeepAlive | None = None
+        self._held: tuple[int, int] | None = None  # (version, rank) of _rank_keep_alive
         self._last_seen: tuple[int | None, str] | None = None
         # Under claims a joinable document lists nobody: the claims this node counted last.
         self._claims_counted: tuple[int, int] | None = None  # (version, claims)
         self._lock = threading.Lock()
         # Names this node's join claims; unique per process and per rendezvous object.
         self.claimant = claimant or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        # The value of this node's keys (claims, keep-alives): the same for every version.
-        self._identity = _node_identity(config.local_addr, config.ttls.keep_alive)
+        # Who this node is, in its keys (claims, keep-alives) and in the states it writes.
+        self.identity = NodeIdentity(
+            socket.gethostname(), config.local_addr, os.getpid(), config.ttls.keep_alive
+        )
+        self._signature = {"host": self.identity.host, "pid": self.identity.pid}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -143,7 +158,7 @@ class EtcdRendezvous:
 
     def stop(self) -> None:
         """Stop every refresher; the run's keys then expire on their own."""
-        self._release_rank()
+        self._release_rank("stopped")
         if self._run_keep_alive is not None:
             self._run_keep_alive.stop()
             self._run_keep_alive = None
@@ -157,7 +172,7 @@ class EtcdRendezvous:
             attempt = 0
             last_problem = "no state seen yet"
             while not deadline.expired():
-                self._release_rank()
+                self._release_rank("rendezvous_again")
                 try:
                     membership = self._attempt(deadline, attempt)
                 except _StartOver as start_over:
@@ -256,8 +271,19 @@ class EtcdRendezvous:
         self._kv.ensure_directory(self.paths.version_dir(version))
         # The version's trace travels in its state: no node reads a key of its own for it.
         trace_context = self._observer.open_version(version)
+        config = self.config
         opened = protocol.open_version(
-            version, now=self.runtime.time(), trace_context=trace_context, nodes=self.nodes
+            version,
+            now=self.runtime.time(),
+            trace_context=trace_context,
+            nodes=self.nodes,
+            timing=protocol.Timing(
+                last_call_timeout=config.last_call_timeout,
+                timeout=config.timeout,
+                joinable_ttl=config.ttls.joinable,
+                frozen_ttl=config.ttls.frozen,
+                keep_alive_ttl=config.ttls.keep_alive,
+            ),
         )
 
         def replace_placeholder(state: RendezvousState) -> decisions.Write | decisions.StartOver:
@@ -318,14 +344,19 @@ class EtcdRendezvous:
             while state.is_version(Status.FINAL, version):
                 try:
                     listing = self._kv.list(self.paths.version_dir(version))
-                    live, seen_at = listing.keys, listing.revision
+                    keys, live, seen_at = listing.entries, listing.keys, listing.revision
                 except KeyNotFound as gone:
-                    live, seen_at = frozenset(), gone.revision or entry.read_revision
+                    keys, live, seen_at = (), frozenset(), gone.revision or entry.read_revision
                 missing = protocol.missing_keep_alives(state, live)
                 if missing:
                     scope.event("keep_alive_missing", keys=",".join(missing))
                     ranks = [r for r in map(rank_of, missing) if r is not None]
-                    self.tear_down(version, entry, Status.FINAL, "keep_alive_missing", ranks)
+                    left = departures(keys)
+                    # Members that said they left (to rendezvous again) made nothing fail;
+                    # the others' keys expired: their nodes are gone.
+                    lost = [rank for rank in ranks if rank not in left]
+                    reason = "keep_alive_missing" if lost else "members_left"
+                    self.tear_down(version, entry, Status.FINAL, reason, lost or ranks)
                     return
                 if deadline.expired():
                     raise RendezvousTimeoutError(
@@ -365,7 +396,7 @@ class EtcdRendezvous:
             decision = decisions.close(state, self.runtime.time())
             if isinstance(decision, decisions.Done):
                 return Keep(None)
-            return Put(decision.state.encode(), state)
+            return Put(self._signed(decision.state).encode(), state)
 
         try:
             before, entry = swap(self._kv, self.paths.active_version, close, runtime=self.runtime)
@@ -458,7 +489,14 @@ class EtcdRendezvous:
                 if until.expired():
                     return entry, state
                 wait = min(wait, until.remaining())
-            entry, state = self.next_state((entry, state), phase, wait)
+            try:
+                entry, state = self.next_state((entry, state), phase, wait)
+            except _StartOver as moved:
+                if moved.reason == "state_gone":
+                    # For the run's readers only: off the path of the next attempt.
+                    record = functools.partial(self._record_expiry, state)
+                    self.runtime.start(record, "etcd-rdzv-record-expiry")
+                raise
 
     def next_state(self, snapshot: Snapshot, phase: Phase, timeout: float) -> Snapshot:
         """The state after the next change, or the current one when `timeout` passes first."""
@@ -496,7 +534,7 @@ class EtcdRendezvous:
             decision = self.check(phase, decide(state))
             if isinstance(decision, decisions.Write | protocol.Joined):
                 ttl = self._ttl(decision.lifetime)
-                return Put(decision.state.encode(), decision, ttl)
+                return Put(self._signed(decision.state).encode(), decision, ttl)
             if isinstance(decision, decisions.Refresh):
                 return Put(entry.value, decision, self._ttl(decision.lifetime))
             return Keep(decision)
@@ -531,7 +569,8 @@ class EtcdRendezvous:
         A guard that changed starts the phase over (`moved` says how)."""
         ttl = self.config.ttls.keep_alive if phase is Phase.CONFIRM else None
         try:
-            return self._kv.claim(key, self._identity, guard=guard, queue=queue, ttl=ttl).position
+            value = self._stamped().encode()
+            return self._kv.claim(key, value, guard=guard, queue=queue, ttl=ttl).position
         except CompareFailed as refusal:
             # Frozen (or gone) under us; the refusal carries the state that replaced it.
             self._observer.retry(phase, "compare_failed", 1)
@@ -554,7 +593,7 @@ class EtcdRendezvous:
             self._claims_counted = (version, claims)
 
     def publish_keep_alive(self, key: str) -> None:
-        self._kv.put(key, self._identity, ttl=self.config.ttls.keep_alive)
+        self._kv.put(key, self._stamped().encode(), ttl=self.config.ttls.keep_alive)
 
     def read_state(self, phase: Phase) -> Snapshot:
         try:
@@ -574,21 +613,66 @@ class EtcdRendezvous:
         except (CompareFailed, KeyNotFound, OutcomeUnknown):
             return
         self._observer.transition(version, status.value, "deleted", 0, True)
-        self._observer.version_torn_down(version, reason, culprits, self._named(entry, culprits))
+        try:
+            last: RendezvousState | None = RendezvousState.decode(entry.value, entry.key)
+        except CorruptStateError:
+            last = None
+        held_by = self._holders(last, culprits)
+        named = [node.describe() if node is not None else "unknown" for node in held_by]
+        self._observer.version_torn_down(version, reason, culprits, named)
+        ending = VersionEnd(
+            reason,
+            tuple(Culprit(rank, node) for rank, node in zip(culprits, held_by, strict=True)),
+            self._stamped(),
+        )
+        try:
+            # For the readers of the run's history (`etcd-rdzv status`); nobody waits on it.
+            self._kv.put(self.paths.ending(version), ending.encode())
+        except (KvError, EtcdUnavailableError, OutcomeUnknown):
+            pass
 
-    def _named(self, entry: Entry, ranks: list[int]) -> list[str]:
+    def _record_expiry(self, state: RendezvousState) -> None:
+        """The state expired under this node: record why, once per version (the first node to
+        see it), so that the run's history says who the others waited for.
+
+        Only a frozen state, and a joinable one in torch's layout, expire: their nodes are
+        gone (a rank that never confirmed; the last-call holder). Anything else that deletes
+        the state records its own reason (`tear_down`)."""
+        version = state.version
+        if version is None:
+            return
+        try:
+            if state.status is Status.FROZEN:
+                reason = "frozen_expired"
+                live = self._kv.list(self.paths.version_dir(version)).keys
+                confirmed = self.layout.confirmed_ranks(state, live) or frozenset()
+                culprits = [rank for rank in state.participants if rank not in confirmed]
+            elif state.status is Status.JOINABLE and not self.layout.joins_by_claims:
+                reason, culprits = "last_call_expired", [self.config.min_nodes - 1]
+            else:
+                return
+            held_by = self._holders(state, culprits)
+            ending = VersionEnd(
+                reason,
+                tuple(Culprit(rank, node) for rank, node in zip(culprits, held_by, strict=True)),
+                self._stamped(),
+            )
+            self._kv.create(self.paths.ending(version), ending.encode())
+        except (AlreadyExists, KeyNotFound, KvError, EtcdUnavailableError, OutcomeUnknown):
+            return  # recorded by another node, or not at all: nobody waits on it
+        named = [node.describe() if node is not None else "unknown" for node in held_by]
+        self._observer.version_torn_down(version, reason, culprits, named)
+
+    def _holders(
+        self, state: RendezvousState | None, ranks: list[int]
+    ) -> list[NodeIdentity | None]:
         """Who held each of `ranks`, as far as the run's keys still tell (claims do; torch's
         layout keeps no identity but in the keep-alive keys, gone by now)."""
         try:
-            state = RendezvousState.decode(entry.value, entry.key)
-            joined = self.layout.joined(self._kv, state)
-        except (KvError, EtcdUnavailableError, CorruptStateError):
+            joined = () if state is None else self.layout.joined(self._kv, state)
+        except (KvError, EtcdUnavailableError):
             joined = ()
-        named = []
-        for rank in ranks:
-            identity = joined[rank] if 0 <= rank < len(joined) else None
-            named.append(identity.describe() if identity is not None else "unknown")
-        return named
+        return [joined[rank] if 0 <= rank < len(joined) else None for rank in ranks]
 
     def see(self, state: RendezvousState, made: bool = False) -> None:
         participants = self._participants(state)
@@ -604,6 +688,7 @@ class EtcdRendezvous:
     def hold_rank(self, version: int, rank: int) -> None:
         key = self.paths.keep_alive(version, rank)
         with self._lock:
+            self._held = (version, rank)
             self._rank_keep_alive = KeepAlive(
                 self._kv,
                 key,
@@ -692,26 +777,38 @@ class EtcdRendezvous:
         if not protocol.may_restore_keep_alive(state, version, rank, key):
             return False
         try:
-            self._kv.create(key, self._identity, ttl=self.config.ttls.keep_alive)
+            self._kv.create(key, self._stamped().encode(), ttl=self.config.ttls.keep_alive)
         except AlreadyExists:
             pass  # an earlier attempt whose answer was lost created it
         return True
 
-    def _release_rank(self) -> None:
-        """Leave the version this node was part of.
+    def _release_rank(self, reason: str) -> None:
+        """Leave the version this node was part of, saying so first (`reason`).
 
         Deleting the keep-alive key, rather than letting it expire, lets the waiting nodes
-        start the next version at once instead of a TTL later.
+        start the next version at once instead of a TTL later; the departure written before
+        tells them, and `status`, that this node left rather than died.
         """
         with self._lock:
-            keep_alive, self._rank_keep_alive = self._rank_keep_alive, None
-        if keep_alive is None:
+            keep_alive, self._rank_keep_alive, held = self._rank_keep_alive, None, self._held
+        if keep_alive is None or held is None:
             return
         keep_alive.stop()
+        version, rank = held
         try:
+            departure = Departure(rank, self._stamped(), reason)
+            self._kv.put(self.paths.departure(version, rank), departure.encode())
             self._kv.compare_and_delete(keep_alive.key, self._kv.get(keep_alive.key))
-        except (KeyNotFound, CompareFailed, OutcomeUnknown, EtcdUnavailableError):
+        except (KeyNotFound, CompareFailed, OutcomeUnknown, EtcdUnavailableError, KvError):
             pass  # it expires within its TTL anyway
+
+    def _signed(self, state: RendezvousState) -> RendezvousState:
+        """`state` naming this node as the one that moved it into its status."""
+        return protocol.signed(state, self._signature)
+
+    def _stamped(self) -> NodeIdentity:
+        """This node's identity, with the time it writes it."""
+        return replace(self.identity, at=round(self.runtime.time(), 3))
 
 
 def _counter(entry: Entry) -> int:
@@ -723,11 +820,6 @@ def _counter(entry: Entry) -> int:
     if value < 0:
         raise CorruptStateError(entry.key, "negative", entry.value)
     return value
-
-
-def _node_identity(local_addr: str | None, keep_alive_ttl: float) -> str:
-    """The value of a keep-alive key: who holds the rank, and the TTL it renews (for its age)."""
-    return NodeIdentity(socket.gethostname(), local_addr, os.getpid(), keep_alive_ttl).encode()
 
 
 def _outcome(phase: Phase, error: BaseException) -> Outcome:

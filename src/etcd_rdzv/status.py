@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,17 +46,23 @@ from etcd_rdzv.errors import (
     EtcdRejectedError,
     EtcdUnavailableError,
 )
+from etcd_rdzv.forecast import Outlook, RunReading, forecast
 from etcd_rdzv.kv.base import Entry, KeyNotFound, KeyValue
 from etcd_rdzv.layouts import (
+    Departure,
     KeyLayout,
     NodeIdentity,
     RankView,
     RunPaths,
+    VersionEnd,
+    departures,
+    describe_rank,
     layout_for,
     layout_of_client,
     rank_of,
+    version_end,
 )
-from etcd_rdzv.protocol import RendezvousState, Status, missing_keep_alives
+from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes, missing_keep_alives
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -63,8 +70,14 @@ EXIT_UNKNOWN_RUN = 3
 EXIT_ETCD = 4
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
-# Without --watch-timeout a watch is re-issued this often; an idle run costs one request each.
-_WATCH_CHUNK_SECONDS = 60.0
+# A watch is re-issued this often, and the run read again: a paused etcd answers no watch,
+# and only a read tells that it stopped answering. An idle run costs a read each time.
+_WATCH_CHUNK_SECONDS = 3.0
+# On a terminal, --watch redraws the ages and countdowns this often (a read each time).
+_REDRAW_SECONDS = 1.0
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
+# How many versions before the active one the history shows.
+HISTORY_VERSIONS = 3
 
 
 # --- what was read ---------------------------------------------------------------------------
@@ -82,6 +95,55 @@ class Snapshot:
     ranks: tuple[RankView, ...]
     # A watch after this revision misses nothing that happened since the reads.
     revision: int
+    state_expires_in: float | None = None  # seconds the state key has left (None: no TTL)
+    history: tuple[VersionHistory, ...] = ()  # the versions before, newest first
+    read_at: float = 0.0  # unix seconds
+
+
+@dataclass(frozen=True)
+class VersionHistory:
+    """What the keys of an ended version still tell: who left it, who tore it down and why."""
+
+    version: int
+    ending: VersionEnd | None
+    departures: tuple[Departure, ...]
+
+    def describe(self) -> str:
+        """One line: why the version ended (first), then who left it on purpose."""
+        parts = []
+        ending = self.ending
+        if ending is not None:
+            culprits = _and([describe_rank(c.rank, c.node) for c in ending.culprits])
+            when = _clock(ending.by.at)
+            by = ending.by.describe()
+            parts.append(
+                {
+                    "keep_alive_missing": f"torn down{when} by {by}: the keep-alive of "
+                    f"{culprits} expired",
+                    "members_left": f"torn down{when} by {by}: its members left to rendezvous "
+                    "again",
+                    "last_call_abandoned": f"torn down{when} by {by}: {culprits} held the last "
+                    "call and never froze it",
+                    "last_call_expired": f"expired{when}: {culprits} held the last call and "
+                    f"stopped renewing it (seen by {by})",
+                    "frozen_expired": f"expired{when} while frozen: {culprits} never confirmed "
+                    f"(seen by {by})",
+                }.get(ending.reason, f"ended{when} ({ending.reason}, by {by})")
+            )
+        # Departures for one reason within a second read as one event.
+        grouped: dict[tuple[str, int], list[Departure]] = {}
+        for departure in sorted(self.departures, key=lambda d: d.node.at or 0.0):
+            grouped.setdefault((departure.reason, int(departure.node.at or 0)), []).append(
+                departure
+            )
+        for (reason, _), departed in grouped.items():
+            names = _and([describe_rank(d.rank, d.node) for d in departed])
+            verb = "left" if reason != "stopped" else "stopped"
+            why = " to rendezvous again" if reason == "rendezvous_again" else ""
+            parts.append(f"{names} {verb}{_clock(departed[0].node.at)}{why}")
+        if not parts:
+            parts.append("ended without a record (it expired, or torch's nodes ended it)")
+        return f"version {self.version}: " + "; ".join(parts)
 
 
 # --- the diagnosis (pure) --------------------------------------------------------------------
@@ -96,6 +158,7 @@ def diagnose(
     *,
     max_nodes: int | None = None,
     version_counter: int | None = None,
+    departed: Mapping[int, Departure] | None = None,
 ) -> str:
     """One line in plain words: what the run is doing and what it waits for.
 
@@ -139,6 +202,14 @@ def diagnose(
     # FINAL
     waiting = state.num_workers_waiting or 0
     missing = [r for r in (rank_of(k) for k in missing_keep_alives(state, live)) if r is not None]
+    left = [rank for rank in missing if rank in (departed or {})]
+    missing = [rank for rank in missing if rank not in left]
+    if left and not missing:
+        verb = "has" if len(left) == 1 else "have"
+        return (
+            f"final: {_ranks(left)} {verb} left to rendezvous again: the version ends as the "
+            "other members follow"
+        )
     if missing:
         if len(missing) == 1:
             whose = f"{_ranks(missing)}'s keep-alive is"
@@ -195,10 +266,13 @@ def read_snapshot(
     state_key = f"{rdzv}/active_version"
     paths = RunPaths(run_path)
     layout = layout_of_client(kv, paths) if key_layout is None else layout_for(key_layout, paths)
+    state_expires_in: float | None = None
     try:
         entry = kv.get(state_key)
         revisions.append(entry.read_revision)
         state = layout.with_participants(kv, RendezvousState.decode(entry.value, state_key))
+        if layout.state_expires(state, declared_nodes(state)):
+            state_expires_in = kv.time_left(entry)
     except KeyNotFound as absent:
         _note(revisions, absent.revision)
     version_counter: int | None = None
@@ -225,7 +299,41 @@ def read_snapshot(
         ranks, listed = _read_ranks(kv, layout, state)
         _note(revisions, listed)
     revision = min(revisions) if revisions else 0
-    return Snapshot(run_id, prefix, run_path, layout, state, version_counter, ranks, revision)
+    return Snapshot(
+        run_id,
+        prefix,
+        run_path,
+        layout,
+        state,
+        version_counter,
+        ranks,
+        revision,
+        state_expires_in,
+        _read_history(kv, paths, state, version_counter),
+        time.time(),
+    )
+
+
+def _read_history(
+    kv: KeyValue, paths: RunPaths, state: RendezvousState | None, counter: int | None
+) -> tuple[VersionHistory, ...]:
+    """The last versions before the active one (one listing each), newest first."""
+    if state is not None and state.version is not None:
+        newest = state.version - 1
+    elif counter is not None:
+        newest = counter  # no active version: the counter's ended too
+    else:
+        return ()
+    history = []
+    for version in range(newest, max(0, newest - HISTORY_VERSIONS), -1):
+        try:
+            entries = kv.list(paths.version_dir(version)).entries
+        except KeyNotFound:
+            entries = ()
+        left = departures(entries)
+        ending = version_end(entries, paths, version)
+        history.append(VersionHistory(version, ending, tuple(left[r] for r in sorted(left))))
+    return tuple(history)
 
 
 def _read_ranks(
@@ -256,9 +364,25 @@ class Report:
     min_nodes: int | None
     max_nodes: int | None
     state_since: datetime | None
+    outlooks: tuple[Outlook, ...] = ()
+    now: float = 0.0  # unix seconds the report describes
+
+    def node_rows(self) -> list[NodeRow]:
+        state = self.snapshot.state
+        return (
+            [] if state is None else [_node_row(state, view, self) for view in self.snapshot.ranks]
+        )
+
+    def missing_nodes(self) -> int:
+        """Nodes the run still needs to reach min_nodes, none of which has arrived."""
+        state = self.snapshot.state
+        if state is None or state.status is not Status.JOINABLE or self.min_nodes is None:
+            return 0
+        return max(0, self.min_nodes - state.world_size)
 
     def to_json(self) -> dict[str, Any]:
         snap, state = self.snapshot, self.snapshot.state
+        by = protocol.entered_by(state) if state else None
         return {
             "run_id": snap.run_id,
             "prefix": snap.prefix,
@@ -270,22 +394,41 @@ class Report:
             "participants": list(state.participants) if state else [],
             "confirmed": sorted(r.rank for r in snap.ranks if r.confirmed),
             "nodes_waiting": (state.num_workers_waiting or 0) if state else 0,
+            "nodes_missing": self.missing_nodes(),
             "min_nodes": self.min_nodes,
             "max_nodes": self.max_nodes,
             "state_since": self.state_since.isoformat() if self.state_since else None,
+            "state_by": NodeIdentity.from_fields(by).describe() if by else None,
+            "state_expires_in_seconds": snap.state_expires_in,
             "ranks": [
                 {
                     "rank": r.rank,
+                    "phase": row.phase,
+                    "since": row.since,
                     "keep_alive_key": r.keep_alive_key,
                     "keep_alive": r.keep_alive,
                     "confirmed": r.confirmed,
                     "host": r.identity.host if r.identity else None,
                     "addr": r.identity.addr if r.identity else None,
                     "pid": r.identity.pid if r.identity else None,
+                    "joined_at": r.joined_at,
+                    "confirmed_at": r.confirmed_at,
+                    "left": r.left.reason if r.left else None,
                     "keep_alive_age_seconds": r.keep_alive_age,
                     "keep_alive_expires_in_seconds": r.expires_in,
                 }
-                for r in snap.ranks
+                for r, row in zip(snap.ranks, self.node_rows(), strict=True)
+            ],
+            "next": [{"what": o.what, "at": o.at, "unless": o.unless} for o in self.outlooks],
+            "history": [
+                {
+                    "version": h.version,
+                    "ended": h.ending.reason if h.ending else None,
+                    "culprits": [c.rank for c in h.ending.culprits] if h.ending else [],
+                    "left": [d.rank for d in h.departures],
+                    "text": h.describe(),
+                }
+                for h in snap.history
             ],
             "diagnosis": self.diagnosis,
             "revision": snap.revision,
@@ -301,11 +444,16 @@ class Report:
                 f"active version: {_dash(state.version)}   state: {state.status.value}   "
                 f"version counter: {_dash(snap.version_counter)}"
             )
+            by = protocol.entered_by(state)
+            author = f" by {NodeIdentity.from_fields(by).describe()}" if by else ""
             since = (
-                f"{self.state_since.astimezone():%H:%M:%S} ({_age(self.state_since)} ago)"
+                f"{self.state_since.astimezone():%H:%M:%S} "
+                f"({_age(self.state_since, self.now)} ago){author}"
                 if self.state_since
                 else "unknown (set by etcd-rdzv nodes only; --watch shows changes)"
             )
+            if snap.state_expires_in is not None:
+                since += f"; expires in {snap.state_expires_in:.0f} s unless rewritten"
             lines.append(f"state since: {since}")
             confirmed = sum(1 for r in snap.ranks if r.confirmed)
             confirmed_text = (
@@ -316,28 +464,94 @@ class Report:
                 f"nodes waiting: {state.num_workers_waiting or 0}   "
                 f"{_bounds(self.min_nodes, self.max_nodes)}"
             )
-        if snap.ranks:
-            rows = [("rank", "keep-alive", "confirmed", "host", "addr", "pid")]
-            for r in snap.ranks:
-                ident = r.identity
-                rows.append(
-                    (
-                        str(r.rank),
-                        # Ranks publish keep-alives when they confirm, after the join window.
-                        _keep_alive_text(r),
-                        {None: "-", True: "yes", False: "no"}[r.confirmed],
-                        (ident.host or "-") if ident else ("-" if not r.keep_alive else "?"),
-                        (ident.addr or "-") if ident else "-",
-                        _dash(ident.pid) if ident else "-",
-                    )
+        rows = [("rank", "host", "pid", "phase", "since", "keep-alive")]
+        for view, node in zip(snap.ranks, self.node_rows(), strict=True):
+            ident = view.identity
+            rows.append(
+                (
+                    str(view.rank),
+                    (ident.host or ident.addr or "-") if ident else "?",
+                    _dash(ident.pid) if ident else "-",
+                    node.phase,
+                    _clock(node.since, self.now).removeprefix(" at ") or "-",
+                    _keep_alive_text(view),
                 )
+            )
+        missing = self.missing_nodes()
+        if missing:
+            rows.append(("-", "?", "-", f"not arrived ({_count(missing, 'node')})", "-", "-"))
+        if len(rows) > 1:
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
             for row in rows:
                 lines.append(
                     "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                 )
         lines.append(f"diagnosis: {self.diagnosis}")
+        for outlook in self.outlooks:
+            lines.append(f"next: {_outlook_text(outlook, self.now)}")
+        if snap.history:
+            lines.append("history:")
+            lines.extend(f"  {h.describe()}" for h in snap.history)
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    phase: str
+    since: float | None  # unix seconds the node entered that phase, when its keys tell
+
+
+def _node_row(state: RendezvousState, view: RankView, shown: Report) -> NodeRow:
+    """Where one rank's node is in the protocol, read from its keys."""
+    if view.left is not None:
+        return NodeRow(f"left ({view.left.reason.replace('_', ' ')})", view.left.node.at)
+    status = state.status
+    if status is Status.JOINABLE:
+        holder = None if shown.min_nodes is None else shown.min_nodes - 1
+        at_min = shown.min_nodes is not None and state.world_size >= shown.min_nodes
+        phase = "last call" if view.rank == holder and at_min else "joined"
+        return NodeRow(phase, view.joined_at)
+    if status is Status.FROZEN:
+        if view.confirmed:
+            return NodeRow("confirmed", view.confirmed_at)
+        return NodeRow("not confirmed", view.joined_at)
+    if status is Status.FINAL:
+        if not view.keep_alive:
+            return NodeRow("lost (keep-alive gone)", None)
+        return NodeRow("member, not renewing" if view.overdue else "member", view.confirmed_at)
+    return NodeRow(status.value, None)
+
+
+def _outlook_text(outlook: Outlook, now: float) -> str:
+    """`at 10:12:36 (in 11 s): rank 1 (vm, pid 18671) freezes it with 2, unless ...`."""
+    text = outlook.what
+    if outlook.at is not None:
+        text = _clock(outlook.at, now, future=True).removeprefix(" ") + ": " + text
+    if outlook.unless:
+        text += f", unless {outlook.unless}"
+    return text
+
+
+def _clock(at: float | None, now: float | None = None, *, future: bool = False) -> str:
+    """` at 10:01:02 (in 9 s)`, or ` at 10:01:02 (3 s ago)`; empty without a time."""
+    if at is None:
+        return ""
+    when = datetime.fromtimestamp(at, timezone.utc).astimezone()
+    if now is None:
+        return f" at {when:%H:%M:%S}"
+    seconds = at - now
+    if future and seconds >= 0:
+        return f" at {when:%H:%M:%S} (in {_duration(seconds)})"
+    return f" at {when:%H:%M:%S} ({_duration(-seconds)} ago)"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _dash(value: object) -> str:
@@ -349,34 +563,51 @@ def report(
     min_nodes: int | None,
     max_nodes: int | None,
     state_since: datetime | None = None,
+    now: float | None = None,
 ) -> Report:
+    now = snapshot.read_at if now is None else now
     live = [r.keep_alive_key for r in snapshot.ranks if r.keep_alive]
     identities = {r.rank: r.identity for r in snapshot.ranks if r.identity is not None}
     # The node that opened the version recorded its --nnodes; flags win (torch's backend
     # records none).
-    declared = protocol.declared_nodes(snapshot.state) if snapshot.state else None
+    state = snapshot.state
+    declared = protocol.declared_nodes(state) if state else None
     if declared is not None:
         min_nodes = declared[0] if min_nodes is None else min_nodes
         max_nodes = declared[1] if max_nodes is None else max_nodes
     text = diagnose(
         snapshot.layout,
-        snapshot.state,
+        state,
         live,
         identities,
         min_nodes,
         max_nodes=max_nodes,
         version_counter=snapshot.version_counter,
+        departed={r.rank: r.left for r in snapshot.ranks if r.left is not None},
     )
-    if state_since is None and snapshot.state is not None:
+    if state_since is None and state is not None:
         # Recorded in the state by the etcd-rdzv node that made the transition.
-        entered = protocol.entered_at(snapshot.state)
+        entered = protocol.entered_at(state)
         if entered is not None:
             state_since = datetime.fromtimestamp(entered, timezone.utc)
-    return Report(snapshot, text, min_nodes, max_nodes, state_since)
+    outlooks: tuple[Outlook, ...] = ()
+    if state is not None:
+        nodes = None if min_nodes is None or max_nodes is None else (min_nodes, max_nodes)
+        reading = RunReading(
+            state,
+            snapshot.ranks,
+            now,
+            nodes,
+            protocol.declared_timing(state),
+            snapshot.layout.joins_by_claims,
+            snapshot.state_expires_in,
+        )
+        outlooks = forecast(reading)
+    return Report(snapshot, text, min_nodes, max_nodes, state_since, outlooks, now)
 
 
-def _age(since: datetime) -> str:
-    seconds = max(0.0, (datetime.now(timezone.utc) - since).total_seconds())
+def _age(since: datetime, now: float) -> str:
+    seconds = max(0.0, now - since.timestamp())
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
@@ -388,9 +619,12 @@ def _keep_alive_text(rank: RankView) -> str:
     # Ranks publish keep-alives when they confirm, after the join window.
     if not rank.keep_alive:
         return "-" if rank.confirmed is None else "missing"
+    text = "live"
     if rank.keep_alive_age is not None:
-        return f"live, renewed {rank.keep_alive_age:.0f}s ago"
-    return "live"
+        text += f", renewed {rank.keep_alive_age:.0f}s ago"
+    if rank.expires_in is not None:
+        text += f", expires in {rank.expires_in:.0f}s"
+    return text
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -491,32 +725,63 @@ def _show(kv: KeyValue, args: argparse.Namespace) -> int:
     layout = KEY_LAYOUT_OF_API[parse_etcd_api(args.etcd_api)]
     snapshot = read_snapshot(kv, args.run_id, args.prefix, layout)
     shown = report(snapshot, args.min_nodes, args.max_nodes)
-    _print(shown, args.json)
+    # On a terminal the picture is redrawn in place every second, so that ages and countdowns
+    # tick; into a pipe or a file only changes are written.
+    redraw = not args.json and sys.stdout.isatty()
+    _print(shown, args.json, redraw=redraw)
     if not args.watch:
         return EXIT_OK
     deadline = None if args.watch_timeout is None else time.monotonic() + args.watch_timeout
     since: datetime | None = None
+    outage: float | None = None  # unix time etcd stopped answering
     try:
         while True:
             left = _WATCH_CHUNK_SECONDS if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 return EXIT_OK
-            rdzv = f"{snapshot.run_path}/rdzv"
-            kv.watch(rdzv, snapshot.revision, min(left, _WATCH_CHUNK_SECONDS), recursive=True)
-            # A change, a timeout or lost history: read again either way, show only news.
+            chunk = _REDRAW_SECONDS if redraw else _WATCH_CHUNK_SECONDS
             previous = snapshot.state
             try:
-                snapshot = read_snapshot(kv, args.run_id, args.prefix, layout)
-            except UnknownRun as gone:
-                snapshot = _emptied(snapshot, gone.revision)
+                rdzv = f"{snapshot.run_path}/rdzv"
+                kv.watch(rdzv, snapshot.revision, min(left, chunk), recursive=True)
+                # A change, a timeout or lost history: read again either way, show only news.
+                try:
+                    snapshot = read_snapshot(kv, args.run_id, args.prefix, layout)
+                except UnknownRun as gone:
+                    snapshot = _emptied(snapshot, gone.revision)
+            except EtcdUnavailableError as error:
+                if outage is None:
+                    outage = time.time()
+                    _notice(_outage_text(outage, str(error)), args.json, "etcd_unavailable")
+                # Refused connections fail at once: do not spin on them.
+                time.sleep(max(0.0, min(_REDRAW_SECONDS, left)))
+                continue
+            if outage is not None:
+                back = f"etcd answers again ({_duration(time.time() - outage)} without answers)"
+                _notice(back, args.json, "etcd_available")
+                outage = None
             if _phase(snapshot.state) != _phase(previous):
                 since = datetime.now(timezone.utc)
             current = report(snapshot, args.min_nodes, args.max_nodes, since)
-            if _essence(current) != _essence(shown):
-                _print(current, args.json)
+            if redraw or _essence(current) != _essence(shown):
+                _print(current, args.json, redraw=redraw)
                 shown = current
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _outage_text(since: float, error: str) -> str:
+    return (
+        f"etcd stopped answering{_clock(since)}: {error} The state shown above is as last "
+        "read; retrying every second."
+    )
+
+
+def _notice(text: str, as_json: bool, event: str) -> None:
+    if as_json:
+        print(json.dumps({"event": event, "at": time.time(), "message": text}), flush=True)
+    else:
+        print(f"{datetime.now().astimezone():%H:%M:%S} {text}\n", flush=True)
 
 
 def _emptied(previous: Snapshot, revision: int | None) -> Snapshot:
@@ -530,6 +795,7 @@ def _emptied(previous: Snapshot, revision: int | None) -> Snapshot:
         None,
         (),
         max(previous.revision, revision or 0),
+        read_at=time.time(),
     )
 
 
@@ -541,15 +807,20 @@ def _essence(shown: Report) -> dict[str, Any]:
     """What a change is made of: not the revision, nor ages that tick by themselves."""
     document = shown.to_json()
     document.pop("revision")
+    document.pop("state_expires_in_seconds")
     for rank in document["ranks"]:
         rank.pop("keep_alive_age_seconds")
         rank.pop("keep_alive_expires_in_seconds")
+    # What is predicted, not the countdowns in its words ("12 s late").
+    document["next"] = [re.sub(r"\d", "", outlook["what"]) for outlook in document["next"]]
     return document
 
 
-def _print(shown: Report, as_json: bool) -> None:
+def _print(shown: Report, as_json: bool, *, redraw: bool = False) -> None:
     if as_json:
         print(json.dumps(shown.to_json(), sort_keys=True), flush=True)
+    elif redraw:
+        print(_CLEAR_SCREEN + shown.to_text(), flush=True)
     else:
         print(shown.to_text() + "\n", flush=True)
 

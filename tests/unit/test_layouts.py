@@ -10,14 +10,22 @@ import pytest
 from etcd_rdzv import protocol
 from etcd_rdzv.config import RendezvousConfig, parse_endpoints
 from etcd_rdzv.errors import ConfigurationError
+from etcd_rdzv.kv.base import Entry
 from etcd_rdzv.kv.memory import MemoryEtcd
 from etcd_rdzv.layouts import (
     ClaimsLayout,
+    Culprit,
+    Departure,
     KeyLayout,
     NodeIdentity,
     RunPaths,
     TorchLayout,
+    VersionEnd,
+    departures,
+    describe_rank,
     layout_of_client,
+    rank_of,
+    version_end,
 )
 from etcd_rdzv.protocol import RendezvousState, Status
 from etcd_rdzv.rendezvous import EtcdRendezvous
@@ -137,3 +145,40 @@ def test_status_names_who_joined_under_claims_and_knows_the_sizes_the_opener_dec
     assert "vm-a" in shown.to_text() and "min unknown" not in shown.to_text()
     # Flags still win: for documents torch's backend wrote, which declare nothing.
     assert report(snapshot, 2, None).min_nodes == 2
+
+
+def test_departures_and_endings_read_back_and_name_their_nodes() -> None:
+    node = NodeIdentity("vm-a", "10.0.0.1", 42, 30.0, at=1_800_000_000.5)
+    left = Departure(2, node, "rendezvous_again")
+    ending = VersionEnd("keep_alive_missing", (Culprit(0, node), Culprit(1, None)), node)
+    entries = [
+        Entry(PATHS.departure(7, 2), left.encode(), 5, 9),
+        Entry(PATHS.ending(7), ending.encode(), 6, 9),
+        Entry(PATHS.keep_alive(7, 1), node.encode(), 4, 9),  # a keep-alive is no departure
+        Entry(PATHS.departure(7, 3), "not json", 7, 9),  # garbage is ignored, not fatal
+    ]
+    assert departures(entries) == {2: left}
+    assert version_end(entries, PATHS, 7) == ending
+    assert version_end(entries, PATHS, 8) is None
+    # A departure key is no keep-alive key: readers of ranks never mistake one for the other.
+    assert rank_of(PATHS.departure(7, 2)) is None
+    assert describe_rank(0, node) == "rank 0 (vm-a, pid 42)"
+    assert describe_rank(1, None) == "rank 1"
+
+
+def test_a_rank_view_tells_join_and_confirmation_times_and_a_departure() -> None:
+    state = RendezvousState(Status.FROZEN, 7, (0, 1), keep_alives=())
+    joined = (
+        NodeIdentity("a", None, 1, 30.0, at=100.0),
+        NodeIdentity("b", None, 2, 30.0, at=101.0),
+    )
+    confirmed = NodeIdentity("a", None, 1, 30.0, at=105.0)
+    left = Departure(1, NodeIdentity("b", None, 2, 30.0, at=106.0), "rendezvous_again")
+    entries = [
+        Entry(PATHS.keep_alive(7, 0), confirmed.encode(), 3, 9),
+        Entry(PATHS.departure(7, 1), left.encode(), 4, 9),
+    ]
+    first, second = CLAIMS.rank_views(state, entries, joined=joined)
+    assert (first.joined_at, first.confirmed_at, first.left) == (100.0, 105.0, None)
+    assert (second.joined_at, second.confirmed_at, second.left) == (101.0, None, left)
+    assert second.identity == joined[1]

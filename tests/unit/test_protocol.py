@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -202,3 +203,33 @@ def test_transitions_record_when_the_status_began() -> None:
     assert protocol.entered_at(RendezvousState.decode(json.dumps(torch_frozen), KEY)) is None
     # torch reads the stamped document as before: the field is extra to it.
     assert json.loads(frozen.encode())["status"] == "frozen"
+
+
+def test_the_node_that_enters_a_status_signs_it_and_a_rewrite_within_it_keeps_the_signature() -> (
+    None
+):
+    a, b = {"host": "vm-a", "pid": 1}, {"host": "vm-b", "pid": 2}
+    opened = protocol.signed(protocol.open_version(1, now=10.0), a)
+    assert protocol.entered_by(opened) == a
+    joined = protocol.signed(protocol.join(opened, 2, 3, now=11.0).state, b)
+    assert protocol.entered_by(joined) == a  # b joined; a still opened it
+    frozen = protocol.signed(protocol.freeze(joined, now=12.0), b)
+    assert protocol.entered_by(frozen) == b
+    # A torch node freezing carries the old stamp through: it counts for no other status.
+    torch_frozen = replace(joined, status=Status.FROZEN, keep_alives=())
+    assert protocol.entered_by(torch_frozen) is None
+    assert protocol.entered_at(torch_frozen) is None
+
+
+def test_the_opener_records_its_time_limits_and_the_last_call_its_start() -> None:
+    timing = protocol.Timing(30.0, 600.0, 10.0, 10.0, 9.0)
+    opened = protocol.open_version(1, now=10.0, nodes=(2, 4), timing=timing)
+    assert protocol.declared_timing(RendezvousState.decode(opened.encode(), "k")) == timing
+    assert protocol.declared_timing(replace(opened, extra={})) is None
+    first = protocol.join(opened, 2, 4, now=11.0).state
+    assert protocol.last_call_since(first) is None  # below min: no last call yet
+    second = protocol.join(first, 2, 4, now=12.5).state
+    assert protocol.last_call_since(second) == 12.5
+    third = protocol.join(second, 2, 4, now=13.0).state
+    assert protocol.last_call_since(third) == 12.5  # later joins do not move it
+    assert protocol.last_call_since(protocol.freeze(third, now=14.0)) is None

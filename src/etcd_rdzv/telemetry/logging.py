@@ -165,7 +165,9 @@ class LoggingObserver(Observer):
     def version_torn_down(
         self, version: int, reason: str, ranks: Sequence[int], nodes: Sequence[str]
     ) -> None:
-        self._log.warning(
+        # Members leaving to rendezvous again is the normal way a version ends.
+        log = self._log.info if reason == "members_left" else self._log.warning
+        log(
             "version_torn_down", version=version, reason=reason, ranks=list(ranks),
             nodes=list(nodes),
         )  # fmt: skip
