@@ -185,12 +185,17 @@ class VersionEnd:
     reason: str  # the `reason` of the observer's `version_torn_down` event
     culprits: tuple[Culprit, ...]
     by: NodeIdentity  # the node that tore it down; its `at` is when
+    # Members whose keep-alive keys still lived when it was torn down: they neither left nor
+    # expired yet (a node killed a moment ago looks like this until its key expires).
+    stayed: tuple[Culprit, ...] = ()
 
     def encode(self) -> str:
-        culprits = [
-            {"rank": c.rank, "node": c.node.fields() if c.node else None} for c in self.culprits
-        ]
-        document = {"reason": self.reason, "culprits": culprits, "by": self.by.fields()}
+        document = {
+            "reason": self.reason,
+            "culprits": _encode_ranks(self.culprits),
+            "by": self.by.fields(),
+            "stayed": _encode_ranks(self.stayed),
+        }
         return json.dumps(document, separators=(",", ":"))
 
     @classmethod
@@ -199,16 +204,24 @@ class VersionEnd:
         if document is None:
             return None
         by = document.get("by")
-        culprits = document.get("culprits")
         return cls(
             reason=str(document.get("reason", "")),
-            culprits=tuple(
-                Culprit(c["rank"], _identity_or_none(c.get("node")))
-                for c in (culprits if isinstance(culprits, list) else [])
-                if isinstance(c, dict) and isinstance(c.get("rank"), int)
-            ),
+            culprits=_parse_ranks(document.get("culprits")),
             by=NodeIdentity.from_fields(by if isinstance(by, dict) else {}),
+            stayed=_parse_ranks(document.get("stayed")),
         )
+
+
+def _encode_ranks(ranks: Iterable[Culprit]) -> list[dict[str, object]]:
+    return [{"rank": c.rank, "node": c.node.fields() if c.node else None} for c in ranks]
+
+
+def _parse_ranks(value: object) -> tuple[Culprit, ...]:
+    return tuple(
+        Culprit(c["rank"], _identity_or_none(c.get("node")))
+        for c in (value if isinstance(value, list) else [])
+        if isinstance(c, dict) and isinstance(c.get("rank"), int)
+    )
 
 
 def departures(entries: Iterable[Entry]) -> dict[int, Departure]:

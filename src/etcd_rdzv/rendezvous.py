@@ -356,7 +356,10 @@ class EtcdRendezvous:
                     # the others' keys expired: their nodes are gone.
                     lost = [rank for rank in ranks if rank not in left]
                     reason = "keep_alive_missing" if lost else "members_left"
-                    self.tear_down(version, entry, Status.FINAL, reason, lost or ranks)
+                    stayed = [rank for rank in state.participants if rank not in ranks]
+                    self.tear_down(
+                        version, entry, Status.FINAL, reason, lost or ranks, stayed=stayed
+                    )
                     return
                 if deadline.expired():
                     raise RendezvousTimeoutError(
@@ -603,7 +606,14 @@ class EtcdRendezvous:
         return entry, self._decode(entry)
 
     def tear_down(
-        self, version: int, entry: Entry, status: Status, reason: str, culprits: list[int]
+        self,
+        version: int,
+        entry: Entry,
+        status: Status,
+        reason: str,
+        culprits: list[int],
+        *,
+        stayed: list[int] | None = None,
     ) -> None:
         """Delete the state as last seen, so that a new version can open, and say who made
         the version fail (`culprits`, by rank); if it moved on meanwhile, the next attempt
@@ -617,13 +627,15 @@ class EtcdRendezvous:
             last: RendezvousState | None = RendezvousState.decode(entry.value, entry.key)
         except CorruptStateError:
             last = None
-        held_by = self._holders(last, culprits)
+        stayed = stayed or []
+        held_by = self._holders(last, [*culprits, *stayed])
         named = [node.describe() if node is not None else "unknown" for node in held_by]
-        self._observer.version_torn_down(version, reason, culprits, named)
+        self._observer.version_torn_down(version, reason, culprits, named[: len(culprits)])
+        ranks = [
+            Culprit(rank, node) for rank, node in zip([*culprits, *stayed], held_by, strict=True)
+        ]
         ending = VersionEnd(
-            reason,
-            tuple(Culprit(rank, node) for rank, node in zip(culprits, held_by, strict=True)),
-            self._stamped(),
+            reason, tuple(ranks[: len(culprits)]), self._stamped(), tuple(ranks[len(culprits) :])
         )
         try:
             # For the readers of the run's history (`etcd-rdzv status`); nobody waits on it.

@@ -49,6 +49,7 @@ from etcd_rdzv.errors import (
 from etcd_rdzv.forecast import Outlook, RunReading, forecast
 from etcd_rdzv.kv.base import Entry, KeyNotFound, KeyValue
 from etcd_rdzv.layouts import (
+    Culprit,
     Departure,
     KeyLayout,
     NodeIdentity,
@@ -107,6 +108,31 @@ class VersionHistory:
     version: int
     ending: VersionEnd | None
     departures: tuple[Departure, ...]
+    # The nodes of the version after it (host, pid), where known: who came back.
+    successors: frozenset[tuple[str | None, int | None]] | None = None
+
+    def _stayed_behind(self, ranks: Sequence[Culprit]) -> str | None:
+        """What became of the members that had neither left nor expired when the version was
+        torn down, and did not leave later either: a node killed a moment before looks so.
+        Only a node the keys name, and a next version whose members are all known, give a
+        verdict."""
+        left = {departure.rank for departure in self.departures}
+        behind = [c for c in ranks if c.rank not in left]
+        known = self.successors
+        gone = [c for c in behind if known is not None and c.node is not None
+                and (c.node.host, c.node.pid) not in known]  # fmt: skip
+        unsure = [c for c in behind if known is None or c.node is None]
+        parts = []
+        if gone:
+            names = _and([describe_rank(c.rank, c.node) for c in gone])
+            parts.append(
+                f"{names} neither left nor came back in version {self.version + 1}: "
+                f"{'its node' if len(gone) == 1 else 'their nodes'} died or stopped"
+            )
+        if unsure:
+            names = _and([describe_rank(c.rank, c.node) for c in unsure])
+            parts.append(f"{names} had not left when it was torn down")
+        return "; ".join(parts) or None
 
     def describe(self) -> str:
         """One line: why the version ended (first), then who left it on purpose."""
@@ -120,8 +146,8 @@ class VersionHistory:
                 {
                     "keep_alive_missing": f"torn down{when} by {by}: the keep-alive of "
                     f"{culprits} expired",
-                    "members_left": f"torn down{when} by {by}: its members left to rendezvous "
-                    "again",
+                    "members_left": f"torn down{when} by {by} when {culprits} left to "
+                    "rendezvous again",
                     "last_call_abandoned": f"torn down{when} by {by}: {culprits} held the last "
                     "call and never froze it",
                     "last_call_expired": f"expired{when}: {culprits} held the last call and "
@@ -130,14 +156,24 @@ class VersionHistory:
                     f"(seen by {by})",
                 }.get(ending.reason, f"ended{when} ({ending.reason}, by {by})")
             )
+            behind = self._stayed_behind(ending.stayed)
+            if behind:
+                parts.append(behind)
         # Departures for one reason within a second read as one event.
         grouped: dict[tuple[str, int], list[Departure]] = {}
+        told = (
+            {c.rank for c in ending.culprits}
+            if ending and ending.reason == "members_left"
+            else set()
+        )
         for departure in sorted(self.departures, key=lambda d: d.node.at or 0.0):
+            if departure.rank in told:
+                continue  # its leaving is what the ending says
             grouped.setdefault((departure.reason, int(departure.node.at or 0)), []).append(
                 departure
             )
         for (reason, _), departed in grouped.items():
-            names = _and([describe_rank(d.rank, d.node) for d in departed])
+            names = _and([describe_rank(d.rank, d.node) for d in sorted(departed, key=_rank)])
             verb = "left" if reason != "stopped" else "stopped"
             why = " to rendezvous again" if reason == "rendezvous_again" else ""
             parts.append(f"{names} {verb}{_clock(departed[0].node.at)}{why}")
@@ -309,15 +345,27 @@ def read_snapshot(
         ranks,
         revision,
         state_expires_in,
-        _read_history(kv, paths, state, version_counter),
+        _read_history(kv, paths, state, version_counter, ranks),
         time.time(),
     )
 
 
 def _read_history(
-    kv: KeyValue, paths: RunPaths, state: RendezvousState | None, counter: int | None
+    kv: KeyValue,
+    paths: RunPaths,
+    state: RendezvousState | None,
+    counter: int | None,
+    ranks: Sequence[RankView] = (),
 ) -> tuple[VersionHistory, ...]:
-    """The last versions before the active one (one listing each), newest first."""
+    """The last versions before the active one (one listing each), newest first; the active
+    one's `ranks` tell who of the version before came back."""
+    successors = frozenset((r.identity.host, r.identity.pid) for r in ranks if r.identity)
+    # Only a final version's members are all known: before, more may still join.
+    complete = (
+        state is not None
+        and state.status is Status.FINAL
+        and all(r.identity is not None for r in ranks)
+    )
     if state is not None and state.version is not None:
         newest = state.version - 1
     elif counter is not None:
@@ -332,7 +380,14 @@ def _read_history(
             entries = ()
         left = departures(entries)
         ending = version_end(entries, paths, version)
-        history.append(VersionHistory(version, ending, tuple(left[r] for r in sorted(left))))
+        history.append(
+            VersionHistory(
+                version,
+                ending,
+                tuple(left[r] for r in sorted(left)),
+                successors if version == newest and complete else None,
+            )
+        )
     return tuple(history)
 
 
@@ -768,6 +823,10 @@ def _show(kv: KeyValue, args: argparse.Namespace) -> int:
                 shown = current
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _rank(departure: Departure) -> int:
+    return departure.rank
 
 
 def _outage_text(since: float, error: str) -> str:

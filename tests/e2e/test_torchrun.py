@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +19,23 @@ pytestmark = pytest.mark.e2e
 
 # Agents and workers each import torch: on two cores, a job's start takes ~10 s.
 JOB_TIMEOUT = 90.0
+CONSOLE_SCRIPT = Path(sys.executable).with_name("etcd-rdzv")
 Record = dict[str, Any]
 
 
 def records_by_agent(out: Path, names: list[str], kind: str) -> dict[str, list[Record]]:
     return {name: read_records(out / name, kind) if (out / name).is_dir() else [] for name in names}
+
+
+def run_status(etcd: LocalEtcd, run_id: str) -> dict[str, Any]:
+    """`etcd-rdzv status --json` as an SRE would run it (the API from the environment)."""
+    completed = subprocess.run(
+        [str(CONSOLE_SCRIPT), "status", "--endpoint", etcd.endpoint, "--run-id", run_id,
+         "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    document: dict[str, Any] = json.loads(completed.stdout)
+    return document
 
 
 def assert_one_world(results: list[Record], world_size: int, context: str) -> None:
@@ -68,7 +84,7 @@ def test_two_agents_of_two_workers_form_one_world_of_four(
 
 
 def test_survivors_restart_with_a_smaller_world_when_a_node_dies(
-    etcd: LocalEtcd, run_id: str, tmp_path: Path, launch_agent: LaunchAgent
+    etcd: LocalEtcd, etcd_api: str, run_id: str, tmp_path: Path, launch_agent: LaunchAgent
 ) -> None:
     """SIGKILL one of three nodes mid-job: the two others re-rendezvous and finish.
 
@@ -144,3 +160,15 @@ def test_survivors_restart_with_a_smaller_world_when_a_node_dies(
     assert all(len(counts) == 1 and counts <= {0, 1} for counts in restart_counts.values()), (
         f"{restart_counts}\n{context}"
     )
+    # `status` names the lost node in the run's history, and blames no survivor: the survivors
+    # left to rendezvous again (their workers failed) before the dead node's key expired.
+    victim_pid, survivor_pids = agents[victim].process.pid, {a.process.pid for a in survivors}
+    history = [h["text"] for h in run_status(etcd, run_id)["history"]]
+    (lost,) = [text for text in history if "neither left" in text or "had not left" in text
+               or "keep-alive of" in text]  # fmt: skip
+    if etcd_api == "v3":  # its join claim names it; torch's layout (v2) keeps no such key
+        assert f"pid {victim_pid})" in lost, f"{history}\n{context}"
+    blamed = " ".join(re.findall(r"keep-alive of (.*?) expired", lost))
+    for pid in survivor_pids:
+        assert not re.search(rf"pid {pid}\) (neither|had not)", lost), f"{history}\n{context}"
+        assert f"pid {pid})" not in blamed, f"{history}\n{context}"

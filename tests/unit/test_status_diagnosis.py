@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from etcd_rdzv.layouts import ClaimsLayout, NodeIdentity, RunPaths, TorchLayout, rank_of
+from etcd_rdzv.layouts import (
+    ClaimsLayout,
+    Culprit,
+    Departure,
+    NodeIdentity,
+    RunPaths,
+    TorchLayout,
+    VersionEnd,
+    rank_of,
+)
 from etcd_rdzv.protocol import RendezvousState, Status
-from etcd_rdzv.status import diagnose
+from etcd_rdzv.status import VersionHistory, diagnose
 
 RUN = "/torchelastic/p2p/run_job/rdzv"
 TORCH = TorchLayout(RunPaths("/torchelastic/p2p/run_job"))
@@ -127,3 +136,35 @@ def test_under_claims_a_live_keep_alive_key_is_the_confirmation() -> None:
     )
     # The same keys in torch's layout: confirmed only once the document lists them.
     assert diagnose(TORCH, frozen, live, {}).startswith("frozen: ranks 0, 1 and 2 have not")
+
+
+def test_history_blames_the_node_that_neither_left_nor_came_back() -> None:
+    """SIGKILL of rank 0 mid-training: the survivors' workers fail at once and they leave
+    before rank 0's keep-alive expires; the version ends as 'members left', and only the
+    next version's members show that rank 0 never came back."""
+    t = 1_800_000_000.0
+    a, b, c = (NodeIdentity("vm", None, pid, 10.0, at=t) for pid in (100, 101, 102))
+    ending = VersionEnd("members_left", (Culprit(2, c),), b, stayed=(Culprit(0, a), Culprit(1, b)))
+    left = (Departure(1, b, "rendezvous_again"), Departure(2, c, "rendezvous_again"))
+    back = frozenset({("vm", 101), ("vm", 102)})
+    text = VersionHistory(1, ending, left, back).describe()
+    assert "when rank 2 (vm, pid 102) left to rendezvous again" in text
+    assert "rank 0 (vm, pid 100) neither left nor came back in version 2" in text
+    assert "rank 1 (vm, pid 101) left" in text  # it left later: not blamed
+    assert text.count("rank 2 (vm, pid 102)") == 1
+    # While the next version is not final, who came back is not known yet: no verdict.
+    unsure = VersionHistory(1, ending, left, None).describe()
+    assert "rank 0 (vm, pid 100) had not left when it was torn down" in unsure
+    assert "died" not in unsure
+
+
+def test_history_of_an_expired_frozen_version_names_who_never_confirmed() -> None:
+    t = 1_800_000_000.0
+    stalled, seer = NodeIdentity("vm-b", None, 7, 10.0), NodeIdentity("vm-a", None, 5, at=t)
+    ending = VersionEnd("frozen_expired", (Culprit(1, stalled),), seer)
+    text = VersionHistory(3, ending, ()).describe()
+    assert text.startswith("version 3: expired at ")
+    assert "while frozen: rank 1 (vm-b, pid 7) never confirmed (seen by vm-a (pid 5))" in text
+    assert VersionHistory(4, None, ()).describe() == (
+        "version 4: ended without a record (it expired, or torch's nodes ended it)"
+    )
