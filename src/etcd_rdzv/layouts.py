@@ -415,9 +415,7 @@ class TorchLayout(KeyLayout):
         clock = node.runtime.monotonic
         refresh_every = node.config.ttls.joinable / 3
         window_ends = clock() + node.config.last_call_timeout
-        node._observer.last_call_deadline(
-            version, node.runtime.time() + node.config.last_call_timeout
-        )
+        node.hold_last_call(version)
         refresh_due = clock() + refresh_every
         while True:
             times = decisions.LastCallClock(clock(), window_ends, refresh_due)
@@ -529,9 +527,7 @@ class ClaimsLayout(KeyLayout):
         """The last call: nothing to keep fresh (the joinable state has no TTL, see
         `decisions.abandoned_after`); at the end, count the claims and freeze with as many."""
         window = node.deadline(node.config.last_call_timeout)
-        node._observer.last_call_deadline(
-            version, node.runtime.time() + node.config.last_call_timeout
-        )
+        node.hold_last_call(version)
         snapshot = _await_frozen(node, Phase.LAST_CALL, version, snapshot, deadline, until=window)
         if snapshot[1].is_version(Status.FROZEN, version):
             return snapshot  # the claim that filled the version froze it

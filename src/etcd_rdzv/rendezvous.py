@@ -595,6 +595,12 @@ class EtcdRendezvous:
             # Claims are never deleted while their version lasts: a count only grows.
             self._claims_counted = (version, claims)
 
+    def hold_last_call(self, version: int) -> None:
+        """This node holds `version`'s last call from now: say until when (wall clock)."""
+        self._observer.last_call_deadline(
+            version, self.runtime.time() + self.config.last_call_timeout
+        )
+
     def publish_keep_alive(self, key: str) -> None:
         self._kv.put(key, self._stamped().encode(), ttl=self.config.ttls.keep_alive)
 

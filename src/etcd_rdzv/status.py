@@ -529,7 +529,7 @@ class Report:
                     _dash(ident.pid) if ident else "-",
                     node.phase,
                     _clock(node.since, self.now).removeprefix(" at ") or "-",
-                    _keep_alive_text(view),
+                    _keep_alive_text(view, state.status if state else None),
                 )
             )
         missing = self.missing_nodes()
@@ -670,10 +670,12 @@ def _age(since: datetime, now: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _keep_alive_text(rank: RankView) -> str:
+def _keep_alive_text(rank: RankView, status: Status | None) -> str:
     # Ranks publish keep-alives when they confirm, after the join window.
     if not rank.keep_alive:
-        return "-" if rank.confirmed is None else "missing"
+        if rank.confirmed is None:
+            return "-"
+        return "none yet" if status is Status.FROZEN else "missing"
     text = "live"
     if rank.keep_alive_age is not None:
         text += f", renewed {rank.keep_alive_age:.0f}s ago"
@@ -807,7 +809,7 @@ def _show(kv: KeyValue, args: argparse.Namespace) -> int:
             except EtcdUnavailableError as error:
                 if outage is None:
                     outage = time.time()
-                    _notice(_outage_text(outage, str(error)), args.json, "etcd_unavailable")
+                    _notice(_outage_text(str(error)), args.json, "etcd_unavailable")
                 # Refused connections fail at once: do not spin on them.
                 time.sleep(max(0.0, min(_REDRAW_SECONDS, left)))
                 continue
@@ -829,9 +831,9 @@ def _rank(departure: Departure) -> int:
     return departure.rank
 
 
-def _outage_text(since: float, error: str) -> str:
+def _outage_text(error: str) -> str:
     return (
-        f"etcd stopped answering{_clock(since)}: {error} The state shown above is as last "
+        f"etcd stopped answering: {error} The state shown above is as last "
         "read; retrying every second."
     )
 

@@ -167,6 +167,68 @@ def test_prometheus_sees_every_agent_through_a_rendezvous(
         assert failed == []
 
 
+# Long enough for a few scrapes of the holder while it waits, short enough to wait out.
+LAST_CALL_SECONDS = 3.0
+# Prometheus timestamps against the wall clock the agents read: the same host's.
+CLOCK_SLACK = 0.1
+
+
+def test_the_last_call_holder_publishes_when_its_last_call_ends(
+    tmp_path: Path, etcd: LocalEtcd, run_id: str
+) -> None:
+    """Two nodes of at most three: the one whose join reached min_nodes holds the last call
+    (torch's layout over v2, claims over v3). Prometheus sees its deadline, and only its,
+    while it holds it, and 0 everywhere once the version froze."""
+    run = f'run_id="{run_id}"'
+    deadlines = f"etcd_rdzv_last_call_deadline_seconds{{{run}}}"
+    with reserved_loopback_ports(2) as ports:
+        instances = [f"{LOOPBACK}:{port}" for port in ports]
+        prometheus = start_local_prometheus(
+            {"scrape_configs": [scrape_config(JOB, instances, interval="1s")]},
+            data_dir=tmp_path / "prometheus",
+        )
+    with (
+        prometheus,
+        ParticipantGroup(
+            tmp_path / "participants",
+            endpoint=etcd.endpoint,
+            run_id=run_id,
+            min_nodes=2,
+            max_nodes=3,
+            conf={**FAST, "last_call_timeout": f"{LAST_CALL_SECONDS:g}"},
+        ) as group,
+    ):
+        for port in ports:
+            group.start(1, backend=BACKEND, conf={"metrics_port": str(port)})
+        prometheus.wait_for_up(JOB, 2, FIRST_SCRAPE_TIMEOUT)
+        assert by_instance(prometheus.query(deadlines)) == dict.fromkeys(instances, 0.0)
+
+        sent = time.time()
+        for participant in group.members:
+            participant.send({"cmd": "rendezvous"})
+        held = by_instance(
+            prometheus.wait_for(
+                f"{deadlines} > 0",
+                lambda series: len(series) == 1,
+                SCRAPE_TIMEOUT,
+                description="the deadline of the last call, on its holder alone",
+            )
+        )
+        seen = time.time()
+        [(holder, deadline)] = held.items()
+        assert sent + LAST_CALL_SECONDS - CLOCK_SLACK <= deadline <= seen + LAST_CALL_SECONDS
+
+        results = [p.expect_rendezvous(RENDEZVOUS_TIMEOUT) for p in group.members]
+        completed = time.time()
+        check_membership(results)
+        # Nobody else came: the version froze when the last call ended, as announced.
+        assert completed >= deadline - CLOCK_SLACK, (completed, deadline)
+        scraped_after(prometheus, instances, completed)
+        assert by_instance(prometheus.query(deadlines)) == dict.fromkeys(instances, 0.0)
+        # The holder is the join that reached min_nodes: rank 1.
+        assert by_instance(prometheus.query(f"etcd_rdzv_rank{{{run}}}"))[holder] == 1.0
+
+
 def spans_named(trace_file: Path, name: str) -> list[JsonDict]:
     """Spans called `name` in a trace file (OTLP JSON lines, ids in hex)."""
     found = []

@@ -1,9 +1,12 @@
 """The Grafana dashboards: well formed, on the contract, and every panel shows real data.
 
-The structural tests read the JSON as Grafana's file provisioning does. The live test runs a
-real rendezvous (with a retry, a late node and a re-rendezvous) under a real Prometheus that
-scrapes the agents and etcd, then sends every panel's query to Prometheus as Grafana would
-(variables replaced, range queries over the run) and requires data from each.
+The structural tests read the JSON as Grafana's file provisioning does. The live test runs
+real rendezvous under a real Prometheus that scrapes the agents and etcd, and sends every
+panel's query to Prometheus as Grafana would (variables replaced, range queries). It requires
+data from each: over a healthy run (with a retry, a last call, a late node and a
+re-rendezvous), and over each situation an operator opens the dashboards for: a stall, a node
+lost after a rendezvous, an etcd outage. A panel that rightly shows nothing in a situation is
+named there, with the reason, and must then show nothing.
 """
 
 from __future__ import annotations
@@ -11,16 +14,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from etcd_rdzv.kv import KeyValue
 from etcd_rdzv_devtools.local_etcd import LocalEtcd, free_loopback_ports
-from tests.conftest import only_etcd_api
+from tests.conftest import EtcdFactory, only_etcd_api, open_kv
 from tests.ops import dashboards
 from tests.ops.dashboards import JsonDict, Target
 from tests.support.harness import (
@@ -28,10 +31,13 @@ from tests.support.harness import (
     ParticipantGroup,
     check_membership,
     leave_stale_frozen_version,
+    rendezvous_together,
+    wait_ready,
 )
 from tests.support.prometheus import (
     LocalPrometheus,
     PrometheusError,
+    sample_value,
     scrape_config,
     start_local_prometheus,
 )
@@ -43,19 +49,29 @@ ETCD_JOB = "etcd"
 LOOPBACK = "127.0.0.1"
 BACKEND = "etcd-rdzv"
 # keep_alive_ttl 1.5: rank keys are refreshed every 0.5 s, a steady flow within seconds.
-FAST = {"last_call_timeout": "1", "keep_alive_ttl": "1.5", "timeout": "60"}
+# last_call_timeout 2: longer than a scrape interval, so that Prometheus surely sees a last call.
+# request_timeout 2: while etcd is paused, requests fail within the checked window.
+FAST = {
+    "last_call_timeout": "2",
+    "keep_alive_ttl": "1.5",
+    "timeout": "60",
+    "request_timeout": "2",
+}
+# The stalled run needs all of three nodes and gets two; they wait longer than the test runs.
+STALLED_NODES = 3
+STALLED_CONF = {"request_timeout": "2"}
 RENDEZVOUS_TIMEOUT = 60.0
 FIRST_SCRAPE_TIMEOUT = 20.0
 SCRAPE_TIMEOUT = 10.0
-TIMESTAMP_MARGIN = 0.05
 # What Grafana sends for a 1 s scrape interval (the data source's setting) and a 1 s step:
 # $__rate_interval is max($__interval + scrape interval, 4 * scrape interval).
 STEP_SECONDS = 1.0
+SCRAPE_INTERVAL_SECONDS = 1.0
 RATE_INTERVAL_SECONDS = 4
 # Every panel must show data within this long after the run; nearly all do at once.
 DATA_TIMEOUT = 15.0
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(240)
 
 # Targets that show 0 in a healthy run: an error or failure counter, or a value that is 0
 # once every agent trains. Every other target must show a non-zero value somewhere.
@@ -70,6 +86,64 @@ ZERO_WHEN_HEALTHY = {
     (ETCD_BOARD, "Raft proposals per second", "C"): "no apply is slow",
     (ETCD_BOARD, "gRPC failed requests per second", "A"): "no request fails (Canceled is left out)",
 }
+# A panel: (dashboard uid, panel title).
+Panel = tuple[str, str]
+# Why a target's result would leave its panel looking empty; None when it shows data.
+Shortfall = Callable[[Target, list[JsonDict]], str | None]
+
+# Panels that rightly show nothing in a situation, with the reason; the test checks that they
+# do show nothing, so that a reason cannot outlive its truth. Latency panels show only what
+# ended within each window.
+NO_PHASE_ENDS = "no phase ends within the window: every node stays where it is"
+NO_CALL_ENDS = "no next_rendezvous() call ends within the window"
+NO_UNARY_REQUEST = (
+    "etcd serves no unary request: the nodes only watch and keep leases alive, both streams"
+)
+STALLED_EMPTY: dict[Panel, str] = {
+    (OVERVIEW, "Phase latency p50 / p95 / p99"): NO_PHASE_ENDS,
+    (OVERVIEW, "Rendezvous call duration p50 / p95 / p99"): NO_CALL_ENDS,
+    (OVERVIEW, "Keep-alive refresh latency p50 / p99"): (
+        "no key is refreshed: no node is a member yet, so none has a rank key, and the run's "
+        "key is refreshed once every 40 minutes"
+    ),
+    (OVERVIEW, "etcd request latency p50 / p99"): (
+        "the waiting nodes only watch, which is not timed (it waits on purpose)"
+    ),
+    (ETCD_BOARD, "gRPC latency p50 / p99"): NO_UNARY_REQUEST,
+}
+NODE_LOST_EMPTY: dict[Panel, str] = {
+    (OVERVIEW, "Time in current rendezvous phase"): "the survivors train: none is in a phase",
+    (OVERVIEW, "Phase latency p50 / p95 / p99"): NO_PHASE_ENDS,
+    (OVERVIEW, "Rendezvous call duration p50 / p95 / p99"): NO_CALL_ENDS,
+    (ETCD_BOARD, "gRPC latency p50 / p99"): NO_UNARY_REQUEST,
+}
+# The etcd dashboard's panels that read etcd's own metrics.
+ETCD_OWN_METRICS = (
+    "Has leader",
+    "Pending proposals",
+    "Leader changes",
+    "Raft proposals per second",
+    "Memory",
+    "WAL fsync p50 / p99",
+    "WAL writes",
+    "Database size",
+    "gRPC requests per second",
+    "gRPC latency p50 / p99",
+    "MVCC operations per second",
+    "Watches",
+    "Keys",
+    "Leases granted / renewed per second",
+    "Leases expired",
+)
+ETCD_DOWN_EMPTY: dict[Panel, str] = {
+    (OVERVIEW, "Phase latency p50 / p95 / p99"): NO_PHASE_ENDS,
+    (OVERVIEW, "Rendezvous call duration p50 / p95 / p99"): NO_CALL_ENDS,
+    **dict.fromkeys(
+        [(ETCD_BOARD, title) for title in ETCD_OWN_METRICS],
+        "a paused etcd answers no scrape either: its own metrics are gone (Members up says so)",
+    ),
+}
+
 # Panels of rare events: a Prometheus that starts after they happened must not show them
 # as if they had just happened.
 PAST_EVENTS = (
@@ -239,36 +313,48 @@ def test_latency_panels_link_to_traces() -> None:
 
 
 @dataclass(frozen=True)
-class Run:
-    """A finished rendezvous whose agents still run (and refresh their keep-alives)."""
+class Selection:
+    """What a dashboard shows: the runs and agents its variables select, over a time range
+    from `range_start` to now (Unix times), of which the part from `since` is checked."""
 
-    run_id: str
-    agents: list[str]  # instance labels, the late node last
+    run_ids: tuple[str, ...]
+    agents: tuple[str, ...]  # instance labels
     etcd_instance: str
-    started: float  # Unix time just before any agent existed
+    range_start: float
+    since: float
 
-    @property
-    def late_agent(self) -> str:
-        return self.agents[-1]
+    def checked_from(self, since: float) -> Selection:
+        """The same dashboard, checked from `since` on: a situation within its range."""
+        return replace(self, since=since)
 
     def variables(self, dashboard: str, end: float) -> dict[str, str]:
-        """What Grafana puts for the dashboard's variables, this run and its agents selected."""
-        instances = self.agents if dashboard == OVERVIEW else [self.etcd_instance]
+        """What Grafana puts for the dashboard's variables."""
+        instances = self.agents if dashboard == OVERVIEW else (self.etcd_instance,)
         return {
-            "run_id": dashboards.grafana_regex([self.run_id]),
+            "run_id": dashboards.grafana_regex(self.run_ids),
             "instance": dashboards.grafana_regex(instances),
             "__interval": f"{STEP_SECONDS:g}s",
             "__rate_interval": f"{RATE_INTERVAL_SECONDS}s",
             "__rate_interval_ms": str(RATE_INTERVAL_SECONDS * 1000),
-            "__range": f"{math.ceil(end - self.started)}s",
+            "__range": f"{math.ceil(end - self.range_start)}s",
         }
 
 
-def prometheus_for(tmp_path: Path, name: str, agents: list[str], etcd: str) -> LocalPrometheus:
+@dataclass(frozen=True)
+class Situation:
+    """Trouble the dashboards must show: what to select while it lasts, and the panels that
+    rightly show nothing then, each with the reason."""
+
+    name: str
+    selection: Selection
+    empty: Mapping[Panel, str]
+
+
+def prometheus_for(tmp_path: Path, name: str, agents: Sequence[str], etcd: str) -> LocalPrometheus:
     config = {
         "scrape_configs": [
-            scrape_config(AGENT_JOB, agents, interval="1s"),
-            scrape_config(ETCD_JOB, [etcd], interval="1s"),
+            scrape_config(AGENT_JOB, agents, interval=f"{SCRAPE_INTERVAL_SECONDS:g}s"),
+            scrape_config(ETCD_JOB, [etcd], interval=f"{SCRAPE_INTERVAL_SECONDS:g}s"),
         ]
     }
     # Every rule file there is: a panel may read a recording rule.
@@ -285,13 +371,14 @@ def stopping(prometheus: LocalPrometheus) -> Iterator[LocalPrometheus]:
         prometheus.stop()
 
 
-def scraped_after(prometheus: LocalPrometheus, job: str, count: int, moment: float) -> None:
-    prometheus.wait_for(
-        f'timestamp(up{{job="{job}"}}) > {moment + TIMESTAMP_MARGIN:.3f}',
-        lambda series: len(series) >= count,
-        SCRAPE_TIMEOUT,
-        description=f"a scrape of job {job} after {moment:.3f}",
-    )
+@contextmanager
+def resumed_at_exit(etcd: LocalEtcd) -> Iterator[LocalEtcd]:
+    """etcd, continued if paused when the block ends: the agents then stop cleanly."""
+    try:
+        yield etcd
+    finally:
+        if etcd.is_running():
+            etcd.resume()
 
 
 def wait_until_waiting_seen(member: Participant) -> None:
@@ -302,67 +389,59 @@ def wait_until_waiting_seen(member: Participant) -> None:
         time.sleep(0.1)
 
 
-@contextmanager
+def start_agents(group: ParticipantGroup, agents: Sequence[str], traces: Path) -> list[Participant]:
+    """One participant per agent (`host:port`), serving its metrics on that port; not yet
+    ready (`wait_ready` them all at once)."""
+    spawned = []
+    for agent in agents:
+        port = agent.rsplit(":", 1)[1]
+        # A trace file turns tracing on: histograms then carry exemplars.
+        conf = {"metrics_port": port, "trace_file": str(traces / f"agent-{port}.jsonl")}
+        spawned += group.spawn(1, backend=BACKEND, conf=conf)
+    return spawned
+
+
 def rendezvous_with_retry_and_late_node(
-    tmp_path: Path,
-    etcd: LocalEtcd,
-    *,
+    prometheus: LocalPrometheus,
     kv: KeyValue,
     run_id: str,
-    prometheus: LocalPrometheus,
-    agents: list[str],
-) -> Iterator[None]:
-    """Two nodes rendezvous past a stale frozen version (a retry); a late node waits while
-    Prometheus watches, and all three re-rendezvous. The agents run until the block ends."""
-    with ParticipantGroup(
-        tmp_path / "participants",
-        endpoint=etcd.endpoint,
-        run_id=run_id,
-        min_nodes=2,
-        max_nodes=3,
-        conf=FAST,
-    ) as group:
-        first, second, late = (
-            group.start(
-                1,
-                backend=BACKEND,
-                # A trace file turns tracing on: histograms then carry exemplars.
-                conf={
-                    "metrics_port": agent.rsplit(":", 1)[1],
-                    "trace_file": str(tmp_path / f"{n}.jsonl"),
-                },
-            )[0]
-            for n, agent in enumerate(agents)
-        )
-        prometheus.wait_for_up(AGENT_JOB, len(agents), FIRST_SCRAPE_TIMEOUT)
-        prometheus.wait_for_up(ETCD_JOB, 1, FIRST_SCRAPE_TIMEOUT)
+    participants: Sequence[Participant],
+    agents: Sequence[str],
+) -> None:
+    """Two nodes rendezvous past a stale frozen version (a retry) and through a last call; a
+    late node waits while Prometheus watches, and all three re-rendezvous."""
+    first, second, late = participants
+    # A frozen version left by a dead run: the first setup waits for it to expire, then
+    # starts over (a retry).
+    leave_stale_frozen_version(kv, run_id)
+    for member in (first, second):
+        member.send({"cmd": "rendezvous"})
+    # The second join reaches min_nodes and holds the last call: seen, so that the last-call
+    # panel has something to show.
+    prometheus.wait_for(
+        f'max_over_time(etcd_rdzv_last_call_deadline_seconds{{run_id="{run_id}"}}[1m]) > 0',
+        lambda series: len(series) == 1,
+        RENDEZVOUS_TIMEOUT,
+        description="a last call seen on its holder",
+    )
+    check_membership([member.expect_rendezvous(RENDEZVOUS_TIMEOUT) for member in (first, second)])
 
-        # A frozen version left by a dead run: the first setup waits for it to expire, then
-        # starts over (a retry).
-        leave_stale_frozen_version(kv, run_id)
-        check_membership(group.rendezvous_all(RENDEZVOUS_TIMEOUT, participants=[first, second]))
-
-        # The late node waits for the running version to end, long enough for Prometheus to
-        # see it in that phase (what the stuck-node panels show); the members see it waiting.
-        late.send({"cmd": "rendezvous"})
-        prometheus.wait_for(
-            f'etcd_rdzv_phase{{run_id="{run_id}", instance="{agents[-1]}",'
-            ' phase="wait_next_version"} == 1',
-            lambda series: len(series) == 1,
-            SCRAPE_TIMEOUT,
-            description="the late node seen waiting for the next version",
-        )
-        for member in (first, second):
-            wait_until_waiting_seen(member)
-        members = group.rendezvous_all(RENDEZVOUS_TIMEOUT, participants=[first, second])
-        results = [*members, late.expect_rendezvous(RENDEZVOUS_TIMEOUT)]
-        check_membership(results)
-        assert {r["world_size"] for r in results} == {3}
-
-        completed = time.time()
-        scraped_after(prometheus, AGENT_JOB, len(agents), completed)
-        scraped_after(prometheus, ETCD_JOB, 1, completed)
-        yield
+    # The late node waits for the running version to end, long enough for Prometheus to
+    # see it in that phase (what the stuck-node panels show); the members see it waiting.
+    late.send({"cmd": "rendezvous"})
+    prometheus.wait_for(
+        f'etcd_rdzv_phase{{run_id="{run_id}", instance="{agents[-1]}",'
+        ' phase="wait_next_version"} == 1',
+        lambda series: len(series) == 1,
+        SCRAPE_TIMEOUT,
+        description="the late node seen waiting for the next version",
+    )
+    for member in (first, second):
+        wait_until_waiting_seen(member)
+    members = rendezvous_together([first, second], RENDEZVOUS_TIMEOUT)
+    results = [*members, late.expect_rendezvous(RENDEZVOUS_TIMEOUT)]
+    check_membership(results)
+    assert {r["world_size"] for r in results} == {3}
 
 
 def values_of(series: list[JsonDict]) -> list[float]:
@@ -373,9 +452,21 @@ def values_of(series: list[JsonDict]) -> list[float]:
     return found
 
 
-def shortfall(target: Target, series: list[JsonDict]) -> str | None:
-    """Why the panel would look empty with this result; None when it shows data."""
-    values = [value for value in values_of(series) if math.isfinite(value)]
+def finite_values(series: list[JsonDict]) -> list[float]:
+    return [value for value in values_of(series) if math.isfinite(value)]
+
+
+def last_values(series: list[JsonDict], label: str) -> dict[str, float]:
+    """Each series' last value, by `label` ("" for a series without it)."""
+    return {
+        one["metric"].get(label, ""): float((one.get("values") or [one.get("value")])[-1][1])
+        for one in series
+    }
+
+
+def healthy_shortfall(target: Target, series: list[JsonDict]) -> str | None:
+    """A healthy run: data, and more than zeros unless the target counts trouble."""
+    values = finite_values(series)
     if not values:
         return f"no series with a finite value ({len(series)} series)"
     if (target.dashboard, target.panel, target.ref_id) not in ZERO_WHEN_HEALTHY and not any(values):
@@ -383,20 +474,31 @@ def shortfall(target: Target, series: list[JsonDict]) -> str | None:
     return None
 
 
+def troubled_shortfall(target: Target, series: list[JsonDict]) -> str | None:
+    """In trouble a zero is news too (nobody waits, nothing retried): data is what counts."""
+    if not finite_values(series):
+        return f"no series with a finite value ({len(series)} series)"
+    return None
+
+
 def evaluate(
-    prometheus: LocalPrometheus, target: Target, run: Run, start: float, end: float
+    prometheus: LocalPrometheus, target: Target, selection: Selection, end: float
 ) -> tuple[str, list[JsonDict]]:
     """The query Grafana sends for `target`, and Prometheus's answer (instant or range)."""
-    expr = dashboards.interpolate(target.expr, run.variables(target.dashboard, end))
+    expr = dashboards.interpolate(target.expr, selection.variables(target.dashboard, end))
     if target.instant:
         return expr, prometheus.query(expr, at=end)
-    return expr, prometheus.query_range(expr, start, end, STEP_SECONDS)
+    return expr, prometheus.query_range(expr, selection.since, end, STEP_SECONDS)
 
 
 def every_target_shows_data(
-    prometheus: LocalPrometheus, targets: list[Target], run: Run
+    prometheus: LocalPrometheus,
+    targets: Sequence[Target],
+    selection: Selection,
+    shortfall: Shortfall = healthy_shortfall,
+    situation: str = "a healthy run",
 ) -> dict[Target, list[JsonDict]]:
-    """Each target's result over the run; fail naming every target that shows no data."""
+    """Each target's result; fail naming every target that shows no data."""
     results: dict[Target, list[JsonDict]] = {}
     pending = list(targets)
     failures: dict[Target, str] = {}
@@ -406,7 +508,7 @@ def every_target_shows_data(
         failures = {}
         for target in pending:
             try:
-                expr, result = evaluate(prometheus, target, run, run.started, end)
+                expr, result = evaluate(prometheus, target, selection, end)
             except PrometheusError as error:  # a query Prometheus rejects never succeeds
                 failures[target] = f"query failed: {error}"
                 continue
@@ -418,10 +520,42 @@ def every_target_shows_data(
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(1.0)
-    assert not failures, "panels without data after a real run:\n" + "\n".join(
+    assert not failures, f"panels without data in {situation}:\n" + "\n".join(
         f"- {target.where()}: {why}" for target, why in failures.items()
     )
     return results
+
+
+def panels_show_the_situation(
+    prometheus: LocalPrometheus, targets: Sequence[Target], situation: Situation
+) -> dict[Target, list[JsonDict]]:
+    """Every panel shows data over the situation, except those it names, which show none: a
+    panel named there that shows data has the wrong reason written next to it."""
+    panels = {(t.dashboard, t.panel) for t in targets}
+    assert set(situation.empty) <= panels, f"no such panels: {set(situation.empty) - panels}"
+    results = every_target_shows_data(
+        prometheus,
+        [t for t in targets if (t.dashboard, t.panel) not in situation.empty],
+        situation.selection,
+        troubled_shortfall,
+        situation.name,
+    )
+    end = time.time()
+    shown = {}
+    for target in [t for t in targets if (t.dashboard, t.panel) in situation.empty]:
+        expr, series = evaluate(prometheus, target, situation.selection, end)
+        if finite_values(series):
+            reason = situation.empty[(target.dashboard, target.panel)]
+            shown[target.where()] = f"said empty ({reason}), shows {series}\n    query: {expr}"
+    assert not shown, f"panels with data in {situation.name}:\n" + "\n".join(
+        f"- {where}: {what}" for where, what in shown.items()
+    )
+    return results
+
+
+def result_of(results: Mapping[Target, list[JsonDict]], panel: str, ref_id: str) -> list[JsonDict]:
+    [target] = [t for t in results if (t.panel, t.ref_id) == (panel, ref_id)]
+    return results[target]
 
 
 def merged_tables_can_merge(
@@ -439,11 +573,13 @@ def merged_tables_can_merge(
                     assert not named, f"{target.where()}: rows would not merge: {named}"
 
 
-def exemplars_lead_to_traces(prometheus: LocalPrometheus, targets: list[Target], run: Run) -> None:
+def exemplars_lead_to_traces(
+    prometheus: LocalPrometheus, targets: list[Target], run: Selection
+) -> None:
     end = time.time()
     for target in [t for t in targets if t.exemplar]:
         expr = dashboards.interpolate(target.expr, run.variables(target.dashboard, end))
-        found = prometheus.query_exemplars(expr, run.started, end)
+        found = prometheus.query_exemplars(expr, run.since, end)
         trace_ids = {
             exemplar["labels"].get("trace_id")
             for series in found
@@ -454,11 +590,11 @@ def exemplars_lead_to_traces(prometheus: LocalPrometheus, targets: list[Target],
 
 
 def variables_list_the_run(
-    prometheus: LocalPrometheus, boards: dict[str, JsonDict], run: Run
+    prometheus: LocalPrometheus, boards: dict[str, JsonDict], run: Selection
 ) -> None:
     """The template variables' queries offer this run, its agents and the etcd member."""
     expected = {
-        (OVERVIEW, "run_id"): {run.run_id},
+        (OVERVIEW, "run_id"): set(run.run_ids),
         (OVERVIEW, "instance"): set(run.agents),
         (ETCD_BOARD, "instance"): {run.etcd_instance},
     }
@@ -471,58 +607,223 @@ def variables_list_the_run(
         assert wanted <= listed, f"{uid} variable {name} offers {listed}"
 
 
-def late_prometheus_shows_no_past_events(tmp_path: Path, targets: list[Target], run: Run) -> None:
-    """A Prometheus started after the rendezvous (a restart, a new deployment) first sees
-    counters that are already up; the event panels must not show that as events now."""
+def late_prometheus_for(tmp_path: Path, run: Selection) -> LocalPrometheus:
+    """A Prometheus started after the rendezvous (a restart, a new deployment)."""
+    return prometheus_for(tmp_path, "prometheus-late", run.agents, run.etcd_instance)
+
+
+def no_past_events_shown_as_new(
+    late: LocalPrometheus, began: float, targets: list[Target], run: Selection
+) -> None:
+    """A Prometheus started at `began`, after the rendezvous, first sees counters that are
+    already up; the event panels must not show that as events now."""
     chosen = [t for t in targets if t.panel in PAST_EVENTS]
     assert len({t.panel for t in chosen}) == len(PAST_EVENTS), "panels renamed?"
-    with stopping(
-        prometheus_for(tmp_path, "prometheus-late", run.agents, run.etcd_instance)
-    ) as late:
-        began = time.time()
-        late.wait_for_up(AGENT_JOB, len(run.agents), FIRST_SCRAPE_TIMEOUT)
-        # Past the first window, in which increase() has nothing to compare with yet.
-        scraped_after(late, AGENT_JOB, len(run.agents), time.time() + RATE_INTERVAL_SECONDS)
-        replayed = {}
-        for target in chosen:
-            expr, series = evaluate(late, target, run, began, time.time())
-            if any(v for v in values_of(series) if math.isfinite(v)):
-                replayed[target.where()] = f"{series}\n    query: {expr}"
+    late.wait_for_up(AGENT_JOB, len(run.agents), FIRST_SCRAPE_TIMEOUT)
+    # Past the first window, in which increase() has nothing to compare with yet.
+    late.wait_for_scrape_after(AGENT_JOB, time.time() + RATE_INTERVAL_SECONDS, SCRAPE_TIMEOUT)
+    replayed = {}
+    since_began = Selection(run.run_ids, run.agents, run.etcd_instance, began, began)
+    for target in chosen:
+        expr, series = evaluate(late, target, since_began, time.time())
+        if any(finite_values(series)):
+            replayed[target.where()] = f"{series}\n    query: {expr}"
     assert not replayed, "past events shown as new:\n" + "\n".join(
         f"- {where}: {what}" for where, what in replayed.items()
     )
 
 
+def the_healthy_run_shows(
+    prometheus: LocalPrometheus,
+    boards: dict[str, JsonDict],
+    targets: list[Target],
+    run: Selection,
+    late_agent: str,
+) -> None:
+    results = every_target_shows_data(prometheus, targets, run)
+    merged_tables_can_merge(boards, results)
+    # The stuck-node panel showed the late node while it waited.
+    waited = result_of(results, "Time in current rendezvous phase", "A")
+    seen = {(s["metric"]["instance"], s["metric"]["phase"]) for s in waited}
+    assert (late_agent, "wait_next_version") in seen, seen
+    exemplars_lead_to_traces(prometheus, targets, run)
+    variables_list_the_run(prometheus, boards, run)
+
+
+def stalled_since(prometheus: LocalPrometheus, run_id: str, count: int) -> float:
+    """Unix time at which the last of `count` nodes of `run_id` began to wait for the
+    missing one, as they export it."""
+    run = f'run_id="{run_id}"'
+    waiting = prometheus.wait_for(
+        f"etcd_rdzv_phase_started_timestamp_seconds{{{run}}} and on (instance)"
+        f' (etcd_rdzv_phase{{{run}, phase="frozen_wait"}} == 1)',
+        lambda series: len(series) == count,
+        RENDEZVOUS_TIMEOUT,
+        description=f"{count} nodes of {run_id} waiting for the missing one",
+    )
+    return max(sample_value(sample) for sample in waiting)
+
+
+def the_stall_shows(
+    prometheus: LocalPrometheus,
+    boards: dict[str, JsonDict],
+    targets: list[Target],
+    stalled: Selection,
+    not_before: float,
+) -> None:
+    """Who waits, where, and for how many nodes of how many needed; checked from
+    `not_before` on, once the other run only trains."""
+    began = max(not_before, stalled_since(prometheus, stalled.run_ids[0], len(stalled.agents)))
+    stall = Situation(
+        "a stall", stalled.checked_from(settled_after(prometheus, began)), STALLED_EMPTY
+    )
+    results = panels_show_the_situation(prometheus, targets, stall)
+    merged_tables_can_merge(boards, results)
+    waiting = result_of(results, "Time in current rendezvous phase", "A")
+    assert {(s["metric"]["instance"], s["metric"]["phase"]) for s in waiting} == {
+        (agent, "frozen_wait") for agent in stalled.agents
+    }
+    # Over v3 each node counted the join claims when it joined: the first saw only itself.
+    # The table shows the freshest count of their version.
+    assert last_values(result_of(results, "Agents", "G"), "instance") == dict.fromkeys(
+        stalled.agents, float(len(stalled.agents))
+    )
+    nodes = result_of(results, "Nodes against min / max", "A")
+    assert last_values(nodes, "run_id") == {stalled.run_ids[0]: float(len(stalled.agents))}
+    needed = result_of(results, "Nodes against min / max", "B")
+    assert last_values(needed, "run_id") == {stalled.run_ids[0]: float(STALLED_NODES)}
+    # min_nodes = max_nodes: a version fills up or waits, it holds no last call.
+    last_call = result_of(results, "Last call ends in", "A")
+    assert last_values(last_call, "run_id") == {stalled.run_ids[0]: 0.0}
+
+
+def a_node_loss_shows(
+    prometheus: LocalPrometheus,
+    targets: list[Target],
+    run: Selection,
+    lost: Participant,
+    lost_agent: str,
+) -> None:
+    """A member of the completed rendezvous (`lost`, scraped at `lost_agent`) dies; the
+    others train on."""
+    lost.kill()
+    seen = down_seen(prometheus, AGENT_JOB, lost_agent)
+    node_lost = Situation(
+        "a node loss", run.checked_from(settled_after(prometheus, seen)), NODE_LOST_EMPTY
+    )
+    results = panels_show_the_situation(prometheus, targets, node_lost)
+    assert last_values(result_of(results, "Agents up", "B"), "") == {"": 1.0}
+
+
+def an_etcd_outage_shows(
+    prometheus: LocalPrometheus, targets: list[Target], runs: Selection, etcd: LocalEtcd
+) -> None:
+    """etcd stops answering while one run trains and the other waits."""
+    etcd.pause()
+    seen = down_seen(prometheus, ETCD_JOB, runs.etcd_instance)
+    outage = Situation(
+        "an etcd outage", runs.checked_from(settled_after(prometheus, seen)), ETCD_DOWN_EMPTY
+    )
+    results = panels_show_the_situation(prometheus, targets, outage)
+    members_up = result_of(results, "Members up", "A")
+    assert last_values(members_up, "instance") == {runs.etcd_instance: 0.0}
+    etcd.resume()
+
+
+def down_seen(prometheus: LocalPrometheus, job: str, instance: str) -> float:
+    """Unix time by which Prometheus failed to scrape `instance` of `job`."""
+    prometheus.wait_for(
+        f'up{{job="{job}", instance="{instance}"}} == 0',
+        lambda series: len(series) == 1,
+        SCRAPE_TIMEOUT,
+        description=f"{instance} of job {job} seen down",
+    )
+    return time.time()
+
+
+def settled_after(prometheus: LocalPrometheus, began: float) -> float:
+    """The start of the first window that holds only samples scraped after `began`, once
+    every target was scraped within it: a panel shows data there only if it shows the
+    situation itself, not what came before."""
+    since = began + SCRAPE_INTERVAL_SECONDS + RATE_INTERVAL_SECONDS
+    for job in (AGENT_JOB, ETCD_JOB):
+        prometheus.wait_for_scrape_after(job, since, SCRAPE_TIMEOUT)
+    return since
+
+
 @only_etcd_api("v3")  # what docker-compose.yml runs: etcd without the v2 API
 def test_every_panel_shows_data_from_a_real_run(
-    tmp_path: Path, etcd: LocalEtcd, kv: KeyValue, run_id: str
+    tmp_path: Path, etcd_factory: EtcdFactory, run_id: str
 ) -> None:
+    """A run, healthy, then after it lost a node, and beside it a run stalled for want of a
+    node; then etcd pauses under both. Every panel shows data in each of these situations,
+    or the situation names it with the reason it shows none."""
     began = time.monotonic()
     boards = by_uid()
     targets = [target for board in boards.values() for target in dashboards.targets(board)]
-    agents = [f"{LOOPBACK}:{port}" for port in free_loopback_ports(3)]
+    etcd = etcd_factory()  # this test's own: it pauses it
     etcd_instance = etcd.client_url.removeprefix("http://")
+    ports = free_loopback_ports(3 + STALLED_NODES - 1)
+    agents = tuple(f"{LOOPBACK}:{port}" for port in ports[:3])
+    stalled_agents = tuple(f"{LOOPBACK}:{port}" for port in ports[3:])
     # Started first: Prometheus scrapes new targets only on its 5 s tick.
-    prometheus = prometheus_for(tmp_path, "prometheus", agents, etcd_instance)
-    run = Run(run_id, agents, etcd_instance, started=time.time())
+    prometheus = prometheus_for(tmp_path, "prometheus", [*agents, *stalled_agents], etcd_instance)
+    started = time.time()
+    run = Selection((run_id,), agents, etcd_instance, started, started)
+    stalled_run_id = f"{run_id}-stalled"
+    stalled_run = Selection((stalled_run_id,), stalled_agents, etcd_instance, started, started)
     with (
         stopping(prometheus),
-        rendezvous_with_retry_and_late_node(
-            tmp_path, etcd, kv=kv, run_id=run_id, prometheus=prometheus, agents=agents
-        ),
+        closing(open_kv(etcd, "v3")) as kv,
+        ParticipantGroup(
+            tmp_path / "participants",
+            endpoint=etcd.endpoint,
+            run_id=run_id,
+            min_nodes=2,
+            max_nodes=3,
+            conf=FAST,
+        ) as group,
+        ParticipantGroup(
+            tmp_path / "stalled",
+            endpoint=etcd.endpoint,
+            run_id=stalled_run_id,
+            min_nodes=STALLED_NODES,
+            max_nodes=STALLED_NODES,
+            conf=STALLED_CONF,
+        ) as stalled_group,
+        resumed_at_exit(etcd),
     ):
+        participants = start_agents(group, agents, tmp_path)
+        stalled = start_agents(stalled_group, stalled_agents, tmp_path)
+        wait_ready([*participants, *stalled])
+        # The stall begins at once and lasts while the healthy run is checked.
+        for participant in stalled:
+            participant.send({"cmd": "rendezvous"})
+        prometheus.wait_for_up(AGENT_JOB, len(agents) + len(stalled_agents), FIRST_SCRAPE_TIMEOUT)
+        prometheus.wait_for_up(ETCD_JOB, 1, FIRST_SCRAPE_TIMEOUT)
+        rendezvous_with_retry_and_late_node(prometheus, kv, run_id, participants, agents)
+        completed = time.time()
         ran = time.monotonic() - began
-        results = every_target_shows_data(prometheus, targets, run)
-        merged_tables_can_merge(boards, results)
-        # The stuck-node panel showed the late node while it waited.
-        [in_phase] = [t for t in results if t.panel == "Time in current rendezvous phase"]
-        seen = {(s["metric"]["instance"], s["metric"]["phase"]) for s in results[in_phase]}
-        assert (run.late_agent, "wait_next_version") in seen, seen
-        exemplars_lead_to_traces(prometheus, targets, run)
-        variables_list_the_run(prometheus, boards, run)
-        checked = time.monotonic() - began
-        late_prometheus_shows_no_past_events(tmp_path, targets, run)
+
+        # Started now, it first scrapes while the others are checked.
+        with stopping(late_prometheus_for(tmp_path, run)) as late:
+            late_began = time.time()
+            prometheus.wait_for_scrape_after(AGENT_JOB, completed, SCRAPE_TIMEOUT)
+            prometheus.wait_for_scrape_after(ETCD_JOB, completed, SCRAPE_TIMEOUT)
+            the_healthy_run_shows(prometheus, boards, targets, run, late_agent=agents[-1])
+            healthy = time.monotonic() - began
+            # From when the healthy run trains: the etcd dashboard then shows the stall alone.
+            the_stall_shows(prometheus, boards, targets, stalled_run, not_before=completed)
+            no_past_events_shown_as_new(late, late_began, targets, run)
+        a_node_loss_shows(prometheus, targets, run, participants[-1], lost_agent=agents[-1])
+        both = Selection(
+            (run_id, stalled_run_id), (*agents, *stalled_agents), etcd_instance, started, started
+        )
+        an_etcd_outage_shows(prometheus, targets, both, etcd)
+        # Stuck in their rendezvous, they would read `exit` only at its timeout.
+        for participant in stalled:
+            participant.kill()
     print(
-        f"\n{len(targets)} targets in {len(boards)} dashboards: run {ran:.1f}s, all checked at "
-        f"{checked:.1f}s, late Prometheus done at {time.monotonic() - began:.1f}s"
+        f"\n{len(targets)} targets in {len(boards)} dashboards: run {ran:.1f}s, healthy checked "
+        f"at {healthy:.1f}s, all situations at {time.monotonic() - began:.1f}s"
     )

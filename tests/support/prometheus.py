@@ -3,7 +3,8 @@
 `start_local_prometheus` writes `prometheus.yml` into a data directory, starts the `prometheus`
 binary on a free 127.0.0.1 port with its own TSDB and log file, and waits until it is ready.
 The returned `LocalPrometheus` answers PromQL through the HTTP API (`query`, `query_range`,
-`query_exemplars`), waits for a query to satisfy a condition (`wait_for`), and shows targets,
+`query_exemplars`), waits for a query to satisfy a condition (`wait_for`) or for a job's
+targets to be scraped after a moment (`wait_for_scrape_after`), and shows targets,
 rules and alerts; `reload` re-reads the (optionally rewritten) configuration and rule files.
 Always stop it: use it as a context manager or call `stop()`.
 
@@ -65,6 +66,9 @@ _STOP_TIMEOUT_SECONDS = 10.0
 _REAP_TIMEOUT_SECONDS = 5.0
 _LOG_TAIL_LINES = 40
 _RESULT_EXCERPT_CHARS = 2000
+# Prometheus may record a scrape up to 2 ms before it really started (it aligns timestamps to
+# the scrape schedule); asking for a scrape this much later than a moment rules that out.
+_SCRAPE_TIMESTAMP_MARGIN = 0.05
 
 JsonDict = dict[str, Any]
 Predicate = Callable[[list[JsonDict]], bool]
@@ -307,6 +311,21 @@ class LocalPrometheus:
                     f"targets:\n{self._targets_note()}\n{self._log_note()}"
                 )
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+    def wait_for_scrape_after(self, job: str, moment: float, timeout: float) -> list[JsonDict]:
+        """Wait until every target of `job` was scraped, successfully or not, by a scrape
+        that started after `moment` (Unix time): from then on a query sees each target as of
+        `moment` or later."""
+        count = sum(1 for t in self.targets()["activeTargets"] if t.get("scrapePool") == job)
+        if count == 0:
+            # Before discovery (see the module's notes) nothing would be waited for.
+            raise PrometheusError(f"job {job!r} has no targets yet: wait_for_up first")
+        return self.wait_for(
+            f'timestamp(up{{job="{job}"}}) > {moment + _SCRAPE_TIMESTAMP_MARGIN:.3f}',
+            lambda result: len(result) >= count,
+            timeout,
+            description=f"a scrape of all {count} target(s) of job {job!r} after {moment:.3f}",
+        )
 
     def wait_for_up(self, job: str, count: int, timeout: float) -> list[JsonDict]:
         """Wait until `count` targets of `job` were scraped successfully (`up == 1`)."""

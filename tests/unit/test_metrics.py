@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from etcd_rdzv.telemetry.metrics import MetricsObserver, RendezvousMetrics
-from etcd_rdzv.telemetry.observer import Phase
+from etcd_rdzv.telemetry.observer import FanOut, Outcome, Phase
 
 SCRAPES = 3000
 
@@ -65,3 +66,31 @@ def test_the_nodes_a_job_needs_are_published_from_the_start() -> None:
     MetricsObserver(RendezvousMetrics(registry), "run", (2, 4))
     assert registry.get_sample_value("etcd_rdzv_min_nodes", {"run_id": "run"}) == 2
     assert registry.get_sample_value("etcd_rdzv_max_nodes", {"run_id": "run"}) == 4
+
+
+def last_call_deadline(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("etcd_rdzv_last_call_deadline_seconds", {"run_id": "run"})
+
+
+def test_the_last_call_deadline_shows_while_the_last_call_is_held() -> None:
+    registry = CollectorRegistry()
+    # Behind a FanOut, as in an agent: the new method must reach the metrics.
+    observer = FanOut([MetricsObserver(RendezvousMetrics(registry), "run", (2, 4))])
+    assert last_call_deadline(registry) == 0  # exported from the start: no last call held
+    with observer.phase(Phase.RENDEZVOUS), observer.phase(Phase.LAST_CALL):
+        observer.last_call_deadline(3, 1_700_000_030.5)
+        assert last_call_deadline(registry) == 1_700_000_030.5
+    assert last_call_deadline(registry) == 0
+
+
+def test_the_last_call_deadline_is_cleared_however_the_last_call_ends() -> None:
+    registry = CollectorRegistry()
+    observer = MetricsObserver(RendezvousMetrics(registry), "run", (2, 4))
+    with pytest.raises(TimeoutError), observer.phase(Phase.LAST_CALL):
+        observer.last_call_deadline(3, 1_700_000_030.5)
+        raise TimeoutError("the rendezvous deadline came first")
+    assert last_call_deadline(registry) == 0
+    with observer.phase(Phase.LAST_CALL) as scope:
+        observer.last_call_deadline(4, 1_700_000_090.0)
+        scope.end(Outcome.RETRY)  # the state moved on under the last call
+    assert last_call_deadline(registry) == 0

@@ -93,6 +93,10 @@ class RendezvousMetrics:
         self.max_nodes = gauge(
             "etcd_rdzv_max_nodes", "The most nodes a version takes (this node's --nnodes)."
         )
+        self.last_call_deadline = gauge(
+            "etcd_rdzv_last_call_deadline_seconds",
+            "Unix time at which the last call this node holds ends; 0 while it holds none.",
+        )
         self.current_phase = CurrentPhase()
         registry.register(self.current_phase)
         self.etcd_requests = counter(
@@ -185,6 +189,9 @@ class MetricsObserver(Observer):
         if nodes is not None:
             self._series(self._m.min_nodes).set(nodes[0])
             self._series(self._m.max_nodes).set(nodes[1])
+        # At 0 from the start, as while no last call is held: a dashboard tells "none" from
+        # an agent that exports nothing.
+        self._series(self._m.last_call_deadline).set(0)
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
@@ -209,6 +216,9 @@ class MetricsObserver(Observer):
                 self._series(self._m.phase_duration, phase.value, outcome).observe(
                     elapsed, exemplar
                 )
+            if phase is Phase.LAST_CALL:
+                # The deadline told inside the phase; whatever ended it, the last call is over.
+                self._series(self._m.last_call_deadline).set(0)
             with self._lock:
                 self._phases.remove(phase)
                 current = self._phases[-1].value if self._phases else IDLE_PHASE
@@ -232,6 +242,9 @@ class MetricsObserver(Observer):
 
     def nodes_waiting(self, count: int) -> None:
         self._series(self._m.nodes_waiting).set(count)
+
+    def last_call_deadline(self, version: int, ends_at: float) -> None:
+        self._series(self._m.last_call_deadline).set(ends_at)
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         self._series(self._m.lease_refreshes, kind, "ok" if ok else "failed").inc()

@@ -103,6 +103,11 @@ class Observer:
     def nodes_waiting(self, count: int) -> None:
         """The number of nodes waiting for this node's version to end, as last read."""
 
+    def last_call_deadline(self, version: int, ends_at: float) -> None:
+        """This node holds the last call of `version` (told inside its `LAST_CALL` phase):
+        it ends at `ends_at`, Unix seconds by the rendezvous's wall clock (a simulation's is
+        virtual), or sooner if the version fills up; the phase ends with it."""
+
     def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         """A keep-alive refresh of a TTL key of `kind` (`run`, `rank`); `error` says why one
         failed."""
@@ -114,9 +119,13 @@ class Observer:
     def version_torn_down(
         self, version: int, reason: str, ranks: Sequence[int], nodes: Sequence[str]
     ) -> None:
-        """This node deleted `version`, which could never complete or go on: `reason`
-        `keep_alive_missing` (members whose keep-alive keys are gone, by rank) or
-        `last_call_abandoned` (the last-call holder, by rank, froze nothing in time). `nodes`
+        """`version` failed, and this node is the one that says so (once per version): it
+        deleted it (`reason` `keep_alive_missing`: members whose keep-alive keys expired, by
+        rank; `members_left`: every missing member left on purpose to rendezvous again, so
+        `ranks` are those and nobody failed; `last_call_abandoned`: the last-call holder, by
+        rank, froze nothing in time), or it saw it expire first (`frozen_expired`: the ranks
+        that never confirmed; `last_call_expired`: torch's layout, the holder that stopped
+        renewing the joinable state). `nodes`
         names each rank's node ("host (pid N)") where the run's keys still tell, else
         "unknown"."""
 
@@ -199,6 +208,9 @@ class FanOut(Observer):
 
     def nodes_waiting(self, count: int) -> None:
         self._each("nodes_waiting", lambda o: o.nodes_waiting(count))
+
+    def last_call_deadline(self, version: int, ends_at: float) -> None:
+        self._each("last_call_deadline", lambda o: o.last_call_deadline(version, ends_at))
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         self._each("lease_refresh", lambda o: o.lease_refresh(kind, ok, seconds, error))
