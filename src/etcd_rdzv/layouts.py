@@ -41,6 +41,7 @@ Snapshot = tuple[Entry, RendezvousState]
 
 _RANK_KEY = re.compile(r"/rank_(\d+)$")
 _DEPARTURE_KEY = re.compile(r"/left_rank_(\d+)$")
+_WAITING_KEY = re.compile(r"/v_\d+/waiting_[^/]+$")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,11 @@ class RunPaths:
         """Ours: written by a member that leaves its version on purpose, before it deletes its
         keep-alive key, so that readers can tell a node that left from one that was lost."""
         return f"{self.run}/rdzv/v_{version}/left_rank_{rank}"
+
+    def waiting(self, version: int, claimant: str) -> str:
+        """Ours: a node waiting for final `version` to end, who it is (the state only counts
+        them, in `num_workers_waiting`)."""
+        return f"{self.run}/rdzv/v_{version}/waiting_{claimant}"
 
     def ending(self, version: int) -> str:
         """Ours: written by the node that tears a version down: why, and who made it fail."""
@@ -232,6 +238,16 @@ def departures(entries: Iterable[Entry]) -> dict[int, Departure]:
         if match and (departure := Departure.parse(int(match.group(1)), entry.value)):
             found[departure.rank] = departure
     return found
+
+
+def waiting_nodes(entries: Iterable[Entry]) -> tuple[NodeIdentity, ...]:
+    """The nodes that said they wait for a version to end (`RunPaths.waiting`), earliest first."""
+    found = [
+        node
+        for entry in entries
+        if _WAITING_KEY.search(entry.key) and (node := NodeIdentity.parse(entry.value))
+    ]
+    return tuple(sorted(found, key=lambda node: node.at or 0.0))
 
 
 def version_end(entries: Iterable[Entry], paths: RunPaths, version: int) -> VersionEnd | None:

@@ -334,13 +334,15 @@ class EtcdRendezvous:
         assert version is not None
         self._enter_version(version, final)
         with self.phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
-            _, (entry, state) = self.swap_state(
+            announced, (entry, state) = self.swap_state(
                 snapshot,
                 Phase.WAIT_NEXT_VERSION,
                 lambda s: decisions.announce_waiting(s, version),
                 deadline,
             )
             scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
+            if isinstance(announced, decisions.Write):
+                self._say_waiting(version)
             while state.is_version(Status.FINAL, version):
                 try:
                     listing = self._kv.list(self.paths.version_dir(version))
@@ -819,6 +821,14 @@ class EtcdRendezvous:
             self._kv.compare_and_delete(keep_alive.key, self._kv.get(keep_alive.key))
         except (KeyNotFound, CompareFailed, OutcomeUnknown, EtcdUnavailableError, KvError):
             pass  # it expires within its TTL anyway
+
+    def _say_waiting(self, version: int) -> None:
+        """Name this node among those waiting for `version` to end, for readers (`status`):
+        the state only counts them. Nobody waits on it, so a failure is ignored."""
+        try:
+            self._kv.put(self.paths.waiting(version, self.claimant), self._stamped().encode())
+        except (KvError, EtcdUnavailableError, OutcomeUnknown):
+            pass
 
     def _signed(self, state: RendezvousState) -> RendezvousState:
         """`state` naming this node as the one that moved it into its status."""

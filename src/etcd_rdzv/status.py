@@ -62,6 +62,7 @@ from etcd_rdzv.layouts import (
     layout_of_client,
     rank_of,
     version_end,
+    waiting_nodes,
 )
 from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes, missing_keep_alives
 
@@ -99,6 +100,7 @@ class Snapshot:
     state_expires_in: float | None = None  # seconds the state key has left (None: no TTL)
     history: tuple[VersionHistory, ...] = ()  # the versions before, newest first
     read_at: float = 0.0  # unix seconds
+    waiting: tuple[NodeIdentity, ...] = ()  # nodes waiting for the final version to end
 
 
 @dataclass(frozen=True)
@@ -331,8 +333,9 @@ def read_snapshot(
             raise UnknownRun(unknown, revision_seen)
         _note(revisions, revision_seen)
     ranks: tuple[RankView, ...] = ()
+    waiting: tuple[NodeIdentity, ...] = ()
     if state is not None and state.version is not None:
-        ranks, listed = _read_ranks(kv, layout, state)
+        ranks, waiting, listed = _read_ranks(kv, layout, state)
         _note(revisions, listed)
     revision = min(revisions) if revisions else 0
     return Snapshot(
@@ -347,6 +350,7 @@ def read_snapshot(
         state_expires_in,
         _read_history(kv, paths, state, version_counter, ranks),
         time.time(),
+        waiting if state is not None and state.status is Status.FINAL else (),
     )
 
 
@@ -393,7 +397,8 @@ def _read_history(
 
 def _read_ranks(
     kv: KeyValue, layout: KeyLayout, state: RendezvousState
-) -> tuple[tuple[RankView, ...], int | None]:
+) -> tuple[tuple[RankView, ...], tuple[NodeIdentity, ...], int | None]:
+    """The version's ranks, and the nodes waiting for it to end, from one listing."""
     assert state.version is not None
     try:
         listing = kv.list(layout.paths.version_dir(state.version))
@@ -401,7 +406,8 @@ def _read_ranks(
         revision: int | None = listing.revision
     except KeyNotFound as absent:
         entries, revision = (), absent.revision
-    return layout.rank_views(state, entries, kv.time_left, layout.joined(kv, state)), revision
+    views = layout.rank_views(state, entries, kv.time_left, layout.joined(kv, state))
+    return views, waiting_nodes(entries), revision
 
 
 def _note(revisions: list[int], revision: int | None) -> None:
@@ -450,6 +456,9 @@ class Report:
             "confirmed": sorted(r.rank for r in snap.ranks if r.confirmed),
             "nodes_waiting": (state.num_workers_waiting or 0) if state else 0,
             "nodes_missing": self.missing_nodes(),
+            "waiting": [
+                {"host": n.host, "addr": n.addr, "pid": n.pid, "since": n.at} for n in snap.waiting
+            ],
             "min_nodes": self.min_nodes,
             "max_nodes": self.max_nodes,
             "state_since": self.state_since.isoformat() if self.state_since else None,
@@ -530,6 +539,17 @@ class Report:
                     node.phase,
                     _clock(node.since, self.now).removeprefix(" at ") or "-",
                     _keep_alive_text(view, state.status if state else None),
+                )
+            )
+        for waiter in snap.waiting:
+            rows.append(
+                (
+                    "-",
+                    waiter.host or waiter.addr or "?",
+                    _dash(waiter.pid),
+                    "waiting for the next version",
+                    _clock(waiter.at, self.now).removeprefix(" at ") or "-",
+                    "-",
                 )
             )
         missing = self.missing_nodes()

@@ -240,6 +240,9 @@ def test_final_with_a_late_node_waiting(
         late.kill()  # blocked in its rendezvous, it cannot answer a polite exit
     assert document["status"] == "final"
     assert document["nodes_waiting"] == 1
+    # The state only counts it; the waiting node's own key says who it is.
+    (waiting,) = document["waiting"]
+    assert (waiting["host"], waiting["pid"]) == (HOST, late.pid)
     assert document["confirmed"] == [0, 1]
     by_rank = {r["rank"]: r for r in document["ranks"]}
     # Each rank's keep-alive key names the very process that holds the rank.

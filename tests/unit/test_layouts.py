@@ -26,6 +26,7 @@ from etcd_rdzv.layouts import (
     layout_of_client,
     rank_of,
     version_end,
+    waiting_nodes,
 )
 from etcd_rdzv.protocol import RendezvousState, Status
 from etcd_rdzv.rendezvous import EtcdRendezvous
@@ -182,3 +183,15 @@ def test_a_rank_view_tells_join_and_confirmation_times_and_a_departure() -> None
     assert (first.joined_at, first.confirmed_at, first.left) == (100.0, 105.0, None)
     assert (second.joined_at, second.confirmed_at, second.left) == (101.0, None, left)
     assert second.identity == joined[1]
+
+
+def test_waiting_nodes_say_who_they_are_where_the_state_only_counts_them() -> None:
+    early = NodeIdentity("vm-c", None, 7, 30.0, at=200.0)
+    late = NodeIdentity("vm-d", None, 8, 30.0, at=201.0)
+    entries = [
+        Entry(PATHS.waiting(7, "vm-d-8-bbbb"), late.encode(), 6, 9),
+        Entry(PATHS.waiting(7, "vm-c-7-aaaa"), early.encode(), 5, 9),
+        Entry(PATHS.keep_alive(7, 0), early.encode(), 4, 9),
+    ]
+    assert waiting_nodes(entries) == (early, late)
+    assert rank_of(PATHS.waiting(7, "vm-c-7-aaaa")) is None
