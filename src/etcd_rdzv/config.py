@@ -88,6 +88,15 @@ class TlsFiles:
         """(cacert, cert, key) as the client libraries take them: paths as text, or None."""
         return _text(self.cacert), _text(self.cert), _text(self.key)
 
+    def client_context(self) -> ssl.SSLContext:
+        """A client's TLS context: the server verified against `cacert` (else the system's
+        CAs), its host name checked, and this client's certificate when given. Raises
+        ssl.SSLError for a file that is not what it should be."""
+        context = ssl.create_default_context(cafile=_text(self.cacert))
+        if self.cert:
+            context.load_cert_chain(str(self.cert), _text(self.key))
+        return context
+
 
 @dataclass(frozen=True)
 class Credentials:

@@ -1,4 +1,7 @@
-"""The etcd v3 API transport: a small client of etcd's gRPC gateway (JSON over HTTP), on urllib3.
+"""The etcd v3 API transport: a small client of etcd's gRPC gateway (JSON over HTTP).
+
+Unary requests go over kept-alive `http.client` connections (`kv/unary.py`: a third of the
+CPU per request of urllib3's pool manager), watch streams over urllib3.
 
 Why our own client: the maintained gRPC clients are asyncio-only or pin old protobuf, and the
 one gateway client retries on its own; see docs/etcd-v3.md for the evaluation. The gateway is
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,18 +50,21 @@ from etcd_rdzv.kv.base import (
     OutcomeUnknown,
 )
 from etcd_rdzv.kv.failover import Failover, WatchTimedOut
+from etcd_rdzv.kv.unary import AnswerLost, NotSent, UnaryHttp
 from etcd_rdzv.telemetry import Observer
 
 Json = dict[str, Any]
 
 # Errors raised before a request left this process: nothing can have applied.
 _NOT_SENT = (
+    NotSent,
     urllib3.exceptions.NewConnectionError,
     urllib3.exceptions.ConnectTimeoutError,
     urllib3.exceptions.NameResolutionError,
 )
 # The request was sent and the answer lost: applied or not, nobody can tell.
 _ANSWER_LOST = (
+    AnswerLost,
     urllib3.exceptions.ReadTimeoutError,
     urllib3.exceptions.ProtocolError,
 )
@@ -151,8 +158,12 @@ class EtcdV3(KeyValue):
             pool_tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": cacert}
             if cert:
                 pool_tls.update(cert_file=cert, key_file=key)
-        # Watches and keep-alive threads hold connections at the same time as the main thread.
+        # Watch streams: watches and keep-alive threads hold them beside the main thread.
         self._http = urllib3.PoolManager(num_pools=len(endpoints), maxsize=4, **pool_tls)
+        # Everything else: kept-alive plain connections, a third of the CPU per request.
+        self._unary = UnaryHttp(
+            endpoints, "/v3", config.tls.client_context() if config.protocol == "https" else None
+        )
         self._lock = threading.Lock()
         # The lease of each TTL key this process wrote, so a refresh needs no read.
         self._key_leases: dict[str, int] = {}
@@ -321,6 +332,7 @@ class EtcdV3(KeyValue):
 
     def close(self) -> None:
         self._http.clear()
+        self._unary.close()
 
     # --- leases ------------------------------------------------------------------------------
 
@@ -455,17 +467,16 @@ class EtcdV3(KeyValue):
         inside the request so that its metrics count it like the v2 transport does."""
 
         def request(index: int) -> Json:
-            response = self._http.request(
-                "POST",
-                self._urls[index] + path,
-                body=json.dumps(body).encode(),
-                headers=self._headers(index),
-                timeout=urllib3.Timeout(self._request_timeout),
-                retries=False,
+            status, data = self._unary.post(
+                index,
+                path,
+                json.dumps(body).encode(),
+                self._headers(index),
+                self._request_timeout,
             )
-            reply = _json(response.data)
-            if response.status != 200 or not isinstance(reply, dict):
-                raise _gateway_error(response.status, reply, response.data)
+            reply = _json(data)
+            if status != 200 or not isinstance(reply, dict):
+                raise _gateway_error(status, reply, data)
             if check is not None:
                 check(reply)
             return reply
@@ -538,17 +549,16 @@ class EtcdV3(KeyValue):
         """A token for `credentials`, asked of endpoint `index` (inside a request attempt, so
         its failures are classified and retried like the request's own)."""
         body = {"name": credentials.username, "password": credentials.password}
-        response = self._http.request(
-            "POST",
-            self._urls[index] + "/auth/authenticate",
-            body=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            timeout=urllib3.Timeout(self._request_timeout),
-            retries=False,
+        status, data = self._unary.post(
+            index,
+            "/auth/authenticate",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+            self._request_timeout,
         )
-        reply = _json(response.data)
-        if response.status != 200 or not isinstance(reply, dict) or "token" not in reply:
-            error = _gateway_error(response.status, reply, response.data)
+        reply = _json(data)
+        if status != 200 or not isinstance(reply, dict) or "token" not in reply:
+            error = _gateway_error(status, reply, data)
             if error.code == _INVALID_ARGUMENT and "authentication failed" in error.message:
                 raise _AuthenticationFailed(credentials.username)
             raise error
@@ -589,9 +599,10 @@ def _classify(
         )
     if isinstance(error, _StreamEnded):
         return "unavailable", None
-    if isinstance(error, urllib3.exceptions.SSLError):
+    tls_failure = error.cause if isinstance(error, NotSent) else error
+    if isinstance(tls_failure, urllib3.exceptions.SSLError | ssl.SSLError):
         return "tls_error", EtcdRejectedError(
-            f"{where}: TLS handshake failed ({error}). Check cacert, cert and key."
+            f"{where}: TLS handshake failed ({tls_failure}). Check cacert, cert and key."
         )
     if isinstance(error, _NOT_SENT):
         return "unavailable", None
