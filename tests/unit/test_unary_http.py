@@ -4,6 +4,7 @@ test_kv.py, over a real etcd)."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -43,8 +44,9 @@ class Server:
                 return
             self.connections += 1
             thread = threading.Thread(target=self._handle, args=(client,), daemon=True)
-            thread.start()
+            # Listed before it starts: `wait_closed` must see it even if it answers at once.
             self._threads.append(thread)
+            thread.start()
 
     def wait_closed(self) -> None:
         for thread in self._threads:
@@ -113,7 +115,11 @@ def test_a_connection_the_server_closed_is_replaced_before_it_is_used() -> None:
         answers = []
         for _ in range(3):
             answers.append(post(http))
-            running.wait_closed()  # the server's close reached this side before the next
+            running.wait_closed()
+            # The server's close reached this side (loopback may deliver it a moment later).
+            for idle in http._idle[0]:
+                assert idle.sock is not None
+                assert select.select([idle.sock], [], [], 5)[0], "no EOF within 5 s"
         http.close()
     assert answers == [(200, b"{}")] * 3
     assert running.connections == 3
