@@ -132,7 +132,6 @@ class EtcdRendezvous:
         self.identity = NodeIdentity(
             socket.gethostname(), config.local_addr, os.getpid(), config.ttls.keep_alive
         )
-        self._signature = {"host": self.identity.host, "pid": self.identity.pid}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -635,16 +634,10 @@ class EtcdRendezvous:
             last: RendezvousState | None = RendezvousState.decode(entry.value, entry.key)
         except CorruptStateError:
             last = None
-        stayed = stayed or []
-        held_by = self._holders(last, [*culprits, *stayed])
-        named = [node.describe() if node is not None else "unknown" for node in held_by]
-        self._observer.version_torn_down(version, reason, culprits, named[: len(culprits)])
-        ranks = [
-            Culprit(rank, node) for rank, node in zip([*culprits, *stayed], held_by, strict=True)
-        ]
-        ending = VersionEnd(
-            reason, tuple(ranks[: len(culprits)]), self._stamped(), tuple(ranks[len(culprits) :])
-        )
+        joined = self._joined(last)
+        blamed = _named(joined, culprits)
+        self._say_who_failed(version, reason, blamed)
+        ending = VersionEnd(reason, blamed, self._stamped(), _named(joined, stayed or []))
         try:
             # For the readers of the run's history (`etcd-rdzv status`); nobody waits on it.
             self._kv.put(self.paths.ending(version), ending.encode())
@@ -671,28 +664,24 @@ class EtcdRendezvous:
                 reason, culprits = "last_call_expired", [self.config.min_nodes - 1]
             else:
                 return
-            held_by = self._holders(state, culprits)
-            ending = VersionEnd(
-                reason,
-                tuple(Culprit(rank, node) for rank, node in zip(culprits, held_by, strict=True)),
-                self._stamped(),
-            )
+            blamed = _named(self._joined(state), culprits)
+            ending = VersionEnd(reason, blamed, self._stamped())
             self._kv.create(self.paths.ending(version), ending.encode())
         except (AlreadyExists, KeyNotFound, KvError, EtcdUnavailableError, OutcomeUnknown):
             return  # recorded by another node, or not at all: nobody waits on it
-        named = [node.describe() if node is not None else "unknown" for node in held_by]
-        self._observer.version_torn_down(version, reason, culprits, named)
+        self._say_who_failed(version, reason, blamed)
 
-    def _holders(
-        self, state: RendezvousState | None, ranks: list[int]
-    ) -> list[NodeIdentity | None]:
-        """Who held each of `ranks`, as far as the run's keys still tell (claims do; torch's
-        layout keeps no identity but in the keep-alive keys, gone by now)."""
+    def _say_who_failed(self, version: int, reason: str, culprits: tuple[Culprit, ...]) -> None:
+        names = [c.node.describe() if c.node is not None else "unknown" for c in culprits]
+        self._observer.version_torn_down(version, reason, [c.rank for c in culprits], names)
+
+    def _joined(self, state: RendezvousState | None) -> tuple[NodeIdentity | None, ...]:
+        """Who took each rank of `state`'s version, as far as the run's keys still tell
+        (claims do; torch's layout keeps no identity but in the keep-alive keys, gone by now)."""
         try:
-            joined = () if state is None else self.layout.joined(self._kv, state)
+            return () if state is None else self.layout.joined(self._kv, state)
         except (KvError, EtcdUnavailableError):
-            joined = ()
-        return [joined[rank] if 0 <= rank < len(joined) else None for rank in ranks]
+            return ()
 
     def see(self, state: RendezvousState, made: bool = False) -> None:
         participants = self._participants(state)
@@ -832,11 +821,16 @@ class EtcdRendezvous:
 
     def _signed(self, state: RendezvousState) -> RendezvousState:
         """`state` naming this node as the one that moved it into its status."""
-        return protocol.signed(state, self._signature)
+        return protocol.signed(state, {"host": self.identity.host, "pid": self.identity.pid})
 
     def _stamped(self) -> NodeIdentity:
         """This node's identity, with the time it writes it."""
         return replace(self.identity, at=round(self.runtime.time(), 3))
+
+
+def _named(joined: tuple[NodeIdentity | None, ...], ranks: list[int]) -> tuple[Culprit, ...]:
+    """`ranks`, each with the node that held it where `joined` tells."""
+    return tuple(Culprit(r, joined[r] if 0 <= r < len(joined) else None) for r in ranks)
 
 
 def _counter(entry: Entry) -> int:
