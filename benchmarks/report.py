@@ -19,7 +19,7 @@ from benchmarks.summary import Summary, Target, TelemetryCost
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 _GIB = 1024**3
 _COLUMNS = ("setup", "median", "min", "max", "vs torch `etcd`", "first node", "CPU s/node",
-            "etcd requests", "per node", "rendezvous only")  # fmt: skip
+            "etcd requests", "per node", "rendezvous only", "etcd bytes sent/node")  # fmt: skip
 
 
 @dataclass
@@ -93,12 +93,22 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.3f} s"
 
 
+def _milliseconds(value: float | None) -> str:
+    return "" if value is None else f"{1e3 * value:+.1f} ms"
+
+
 def _cpu(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:,.1f}".removesuffix(".0")
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value / 1024:,.1f} KiB" if value >= 1024 else f"{value:,.0f} B"
 
 
 def _ratio(summary: Summary) -> str:
@@ -123,7 +133,7 @@ def _rows(summaries: Sequence[Summary], nodes: int) -> list[tuple[str, ...]]:
             name, _seconds(s.median_seconds), _seconds(s.min_seconds), _seconds(s.max_seconds),
             _ratio(s), _seconds(s.first_node_seconds), _cpu(s.cpu_seconds_per_node),
             _number(s.requests), _number(s.requests_per_node),
-            _number(s.rendezvous_requests_per_node),
+            _number(s.rendezvous_requests_per_node), _bytes(s.sent_bytes_per_node),
         ))  # fmt: skip
     return rows
 
@@ -188,7 +198,11 @@ def text(results: Results) -> str:
         lines.append("\nRecovery: SIGKILL of one node after a rendezvous to the survivors' next")
         lines.append(_aligned([_RECOVERY_COLUMNS, *_recovery_rows(results.recoveries)]))
     lines.append("\nTelemetry cost, (on - off) / off on the medians:")
-    lines += [f"  {c.transport} N={c.nodes}: {c.cost:+.1%}" for c in results.telemetry_costs]
+    lines += [
+        f"  {c.transport} N={c.nodes}: {c.cost:+.1%}, CPU per node "
+        f"{_milliseconds(c.cpu_seconds_per_node)}"
+        for c in results.telemetry_costs
+    ]
     lines.append("\nTargets:")
     lines += [f"  [{_verdict(t)}] {t.name}: {t.detail}" for t in results.targets]
     return "\n".join(lines)
@@ -199,6 +213,7 @@ def write_json(results: Results, path: Path) -> None:
     data = dataclasses.asdict(results)
     for entry, result in zip(data["rounds"], results.rounds, strict=True):
         entry["requests"] = result.requests
+        entry["sent_bytes"] = result.sent_bytes
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
@@ -284,7 +299,9 @@ def docs_section(results: Results, plot_path: Path, docs_path: Path) -> str:
         "- etcd requests are etcd's own counts (`etcd_http_received_total` for v2, "
         "`grpc_server_started_total` for v3) from handler creation to the last return; "
         '"rendezvous only" counts from the release. torch `c10d` keeps its state in a '
-        "TCPStore: no etcd requests.",
+        "TCPStore: no etcd requests. Bytes sent are etcd's `etcd_network_client_grpc_sent_bytes_"
+        "total` over the same span, per node: v3 only (etcd 3.4 counts no bytes of its v2 API); "
+        "the JSON gateway re-encodes them with keys and values in base64, a third more.",
         "- CPU s/node: each worker process's CPU time (all its threads) from the release to its "
         "last node's return, summed and divided by N.",
         "- Telemetry off: `metrics_port=off, log_level=WARNING, progress_interval=off`. On: the "
@@ -311,11 +328,18 @@ def docs_section(results: Results, plot_path: Path, docs_path: Path) -> str:
             "(keep-alive TTLs, heartbeats).",
             "", _markdown(_RECOVERY_COLUMNS, _recovery_rows(results.recoveries)),
         ]  # fmt: skip
-    parts += ["", "### Telemetry cost", "", "(on - off) / off on the medians.", ""]
+    parts += [
+        "",
+        "### Telemetry cost",
+        "",
+        "(on - off) / off on the median latencies; CPU per node on minus off.",
+        "",
+    ]
     parts.append(_markdown(
-        ("transport", "N", "off", "on", "cost"),
+        ("transport", "N", "off", "on", "cost", "CPU per node added"),
         [(c.transport, str(c.nodes), _seconds(c.off_seconds), _seconds(c.on_seconds),
-          f"{c.cost:+.1%}") for c in results.telemetry_costs],
+          f"{c.cost:+.1%}", _milliseconds(c.cpu_seconds_per_node))
+         for c in results.telemetry_costs],
     ))  # fmt: skip
     parts += ["", "### Targets (judged on etcd-rdzv v3, telemetry off and on)", ""]
     parts += [f"- **{_verdict(t)}**: {t.name}. {t.detail}" for t in results.targets]

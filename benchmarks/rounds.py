@@ -42,6 +42,9 @@ TELEMETRY_OFF = {"metrics_port": "off", "log_level": "WARNING", "progress_interv
 TELEMETRY_ON = {"metrics_port": "0", "metrics_addr": "127.0.0.1"}
 # Requests etcd served: v2 HTTP requests, and v3 gRPC calls (the JSON gateway makes one each).
 REQUEST_COUNTERS = ("etcd_http_received_total", "grpc_server_started_total")
+# Bytes etcd sent its clients over gRPC (the v3 JSON gateway is one of them); etcd 3.4 counts
+# no bytes of its v2 HTTP API.
+SENT_BYTES_COUNTER = "etcd_network_client_grpc_sent_bytes_total"
 REFERENCE = "torch etcd"
 
 Status = Literal["ok", "timeout", "failed"]
@@ -134,6 +137,9 @@ class RoundResult(Outcome):
     cpu_seconds_per_node: float | None = None
     requests_create: int | None = None
     requests_rendezvous: int | None = None
+    # Bytes etcd sent (v3 only: see SENT_BYTES_COUNTER), handler creation and rendezvous.
+    sent_bytes_create: int | None = None
+    sent_bytes_rendezvous: int | None = None
     threads_left: list[str] = field(default_factory=list)
     # The whole round: workers taken, handlers created, rendezvous, shut down.
     round_seconds: float | None = None
@@ -147,6 +153,12 @@ class RoundResult(Outcome):
             return None
         return self.requests_create + self.requests_rendezvous
 
+    @property
+    def sent_bytes(self) -> int | None:
+        if self.sent_bytes_create is None or self.sent_bytes_rendezvous is None:
+            return None
+        return self.sent_bytes_create + self.sent_bytes_rendezvous
+
 
 @dataclass
 class RecoveryResult(Outcome):
@@ -154,13 +166,26 @@ class RecoveryResult(Outcome):
     recovery_seconds: float | None = None
 
 
-def etcd_requests(etcd: LocalEtcd) -> int:
-    served = 0.0
+@dataclass(frozen=True)
+class EtcdServed:
+    """etcd's own counters at one moment: requests served and bytes sent to clients."""
+
+    requests: int = 0
+    sent_bytes: int = 0
+
+    def __sub__(self, earlier: EtcdServed) -> EtcdServed:
+        return EtcdServed(self.requests - earlier.requests, self.sent_bytes - earlier.sent_bytes)
+
+
+def etcd_served(etcd: LocalEtcd) -> EtcdServed:
+    requests = sent = 0.0
     for family in text_string_to_metric_families(etcd.metrics_text()):
         for sample in family.samples:
             if sample.name in REQUEST_COUNTERS:
-                served += sample.value
-    return int(served)
+                requests += sample.value
+            elif sample.name == SENT_BYTES_COUNTER:
+                sent += sample.value
+    return EtcdServed(int(requests), int(sent))
 
 
 def run_round(
@@ -172,26 +197,29 @@ def run_round(
     result = RoundResult(setup.name, nodes, round_index, workers=count)
     result.nodes_per_worker = per_worker
 
-    def requests() -> int:
-        return etcd_requests(plan.etcd) if setup.uses_etcd else 0
+    def served() -> EtcdServed:
+        return etcd_served(plan.etcd) if setup.uses_etcd else EtcdServed()
 
     workers: list[Worker] = []
     try:
         workers = plan.pool.take(count)
         prepared = _prepare(plan, setup, workers, nodes, min_nodes=nodes)
-        before = requests()
+        before = served()
         creating = time.monotonic()
         _create(plan, workers, prepared)
         result.create_seconds = time.monotonic() - creating
-        created = requests()
+        created = served()
         go = plan.pool.go(workers, plan.ready_timeout)
         done = collect(workers, Done, go + plan.round_timeout)
-        finished = requests()
+        finished = served()
     except WorkerError as exc:
         return _abandon(plan.pool, workers, result, exc)
     if setup.uses_etcd:
-        result.requests_create = created - before
-        result.requests_rendezvous = finished - created
+        creation, rendezvous = created - before, finished - created
+        result.requests_create, result.requests_rendezvous = creation.requests, rendezvous.requests
+        if setup.conf.get("etcd_api") == "v3":
+            result.sent_bytes_create = creation.sent_bytes
+            result.sent_bytes_rendezvous = rendezvous.sent_bytes
     results = [node for answer in done.values() for node in answer.nodes]
     returns = sorted(node.returned_at - go for node in results)
     woken = [node.released_at - go for node in results]

@@ -1,4 +1,5 @@
-"""Rounds summed up per setup and N, the cost of telemetry, and issue 8's targets judged."""
+"""Rounds summed up per setup and N, the cost of telemetry, and the targets (issues 8 and 16)
+judged."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Summary:
     requests: float | None = None  # handler creation and rendezvous; median over the rounds
     requests_per_node: float | None = None
     rendezvous_requests_per_node: float | None = None  # go to the last return only
+    sent_bytes_per_node: float | None = None  # bytes etcd sent, creation and rendezvous (v3)
     speedup: float | None = None  # torch etcd's median / this median
 
 
@@ -41,6 +43,8 @@ class TelemetryCost:
     off_seconds: float
     on_seconds: float
     cost: float  # (on - off) / off, on the medians
+    # CPU per node per rendezvous, on minus off (medians).
+    cpu_seconds_per_node: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ def _fill(summary: Summary, ok: list[RoundResult]) -> None:
     if summary.requests is not None and rendezvous is not None:
         summary.requests_per_node = summary.requests / summary.nodes
         summary.rendezvous_requests_per_node = rendezvous / summary.nodes
+    sent = _median(r.sent_bytes for r in ok)
+    summary.sent_bytes_per_node = None if sent is None else sent / summary.nodes
 
 
 def find(summaries: Iterable[Summary], setup: str, nodes: int) -> Summary | None:
@@ -107,22 +113,55 @@ def telemetry_costs(summaries: Sequence[Summary]) -> list[TelemetryCost]:
             on = find(summaries, f"etcd-rdzv {api}, telemetry on", nodes)
             if off and on and off.median_seconds and on.median_seconds:
                 cost = (on.median_seconds - off.median_seconds) / off.median_seconds
-                costs.append(TelemetryCost(api, nodes, off.median_seconds, on.median_seconds, cost))
+                cpu = (
+                    on.cpu_seconds_per_node - off.cpu_seconds_per_node
+                    if on.cpu_seconds_per_node is not None and off.cpu_seconds_per_node is not None
+                    else None
+                )
+                costs.append(
+                    TelemetryCost(api, nodes, off.median_seconds, on.median_seconds, cost, cpu)
+                )
     return costs
 
 
 def judge(summaries: Sequence[Summary], costs: Sequence[TelemetryCost]) -> list[Target]:
-    """Issue 8's targets, judged on etcd-rdzv v3 with telemetry off and on."""
+    """Issue 8's and issue 16's targets, judged on etcd-rdzv v3 (issue 16's with telemetry on,
+    the defaults a user gets)."""
     judged = [s for s in summaries if s.setup in JUDGED]
+    on = [s for s in summaries if s.setup == JUDGED[1] and s.nodes >= 8]
 
     def at(nodes: int) -> list[Summary]:
         return [s for s in judged if s.nodes == nodes]
 
+    def against(
+        setup: str, value: Callable[[Summary], float | None]
+    ) -> Callable[[Summary], float | None]:
+        """The ratio of `setup`'s value to ours at the same N."""
+
+        def ratio(ours: Summary) -> float | None:
+            theirs = find(summaries, setup, ours.nodes)
+            mine, other = value(ours), None if theirs is None else value(theirs)
+            return None if not mine or other is None else other / mine
+
+        return ratio
+
+    v3_costs = [c for c in costs if c.transport == "v3"]
+    largest = max((s.nodes for s in on if s.rounds_ok), default=None)
     return [
         _every(
             "≥5x faster than torch `etcd` at every N ≥ 8",
             [s for s in judged if s.nodes >= 8],
             lambda s: s.speedup, lambda v: f"{v:.1f}x", lambda v: v >= 5,
+        ),
+        _every(
+            "≥2x faster than torch `c10d` at every N ≥ 8, telemetry on", on,
+            against("torch c10d", lambda s: s.median_seconds), lambda v: f"{v:.1f}x",
+            lambda v: v >= 2,
+        ),
+        _every(
+            "CPU per node ≤ torch `c10d`'s at every N, telemetry on", on,
+            against("torch c10d", lambda s: s.cpu_seconds_per_node),
+            lambda v: f"c10d's is {v:.2f}x ours", lambda v: v >= 1,
         ),
         _every(
             "< 0.1 s at N = 2", at(2),
@@ -137,8 +176,33 @@ def judge(summaries: Sequence[Summary], costs: Sequence[TelemetryCost]) -> list[
             lambda s: s.median_seconds, lambda v: f"{v:.3f} s", lambda v: v < 2,
         ),
         _completes(256, at(256)),
-        _telemetry_cost([c for c in costs if c.transport == "v3"]),
+        _every(
+            "N = 1,024 in < 10 s", at(1024),
+            lambda s: s.median_seconds, lambda v: f"{v:.3f} s", lambda v: v < 10,
+        ),
+        _flat("etcd requests per node", on, 8, largest, lambda s: s.requests_per_node),
+        _flat("bytes etcd sent per node", on, 8, largest, lambda s: s.sent_bytes_per_node),
+        _telemetry_cost(v3_costs),
+        _telemetry_cpu(v3_costs),
     ]  # fmt: skip
+
+
+def _flat(
+    what: str,
+    chosen: list[Summary],
+    smallest: int,
+    largest: int | None,
+    value: Callable[[Summary], float | None],
+) -> Target:
+    """Issue 16: `what` at the largest N measured is within 2x of N = `smallest`'s."""
+    name = f"{what} flat in N: N = {smallest} vs the largest N within 2x, telemetry on"
+    low = next((value(s) for s in chosen if s.nodes == smallest), None)
+    high = next((value(s) for s in chosen if s.nodes == largest), None)
+    if largest is None or low is None or high is None or not low:
+        return Target(name, None, "not measured")
+    ratio = high / low
+    detail = f"N = {smallest}: {low:,.0f}; N = {largest}: {high:,.0f} ({ratio:.2f}x)"
+    return Target(name, ratio < 2, detail)
 
 
 def _every(
@@ -183,3 +247,14 @@ def _telemetry_cost(costs: list[TelemetryCost]) -> Target:
         return Target(name, None, "not measured")
     detail = "; ".join(f"N = {c.nodes}: {c.cost:+.1%}" for c in costs)
     return Target(name, all(c.cost < 0.05 for c in costs), detail)
+
+
+def _telemetry_cpu(costs: list[TelemetryCost]) -> Target:
+    name = "telemetry adds < 1 ms of CPU per node (v3, at every N)"
+    measured = [c for c in costs if c.cpu_seconds_per_node is not None]
+    if not measured:
+        return Target(name, None, "not measured")
+    detail = "; ".join(
+        f"N = {c.nodes}: {1e3 * (c.cpu_seconds_per_node or 0.0):+.1f} ms" for c in measured
+    )
+    return Target(name, all((c.cpu_seconds_per_node or 0.0) < 1e-3 for c in measured), detail)

@@ -309,6 +309,10 @@ class KeyLayout:
         when they were counted (None: not counted)."""
         return state.world_size
 
+    def encode_state(self, state: RendezvousState) -> str:
+        """The state document as this layout writes it (any layout's reads every form)."""
+        return state.encode(counted=self.joins_by_claims)
+
     def lists_participants(self, state: RendezvousState) -> bool:
         """Whether the document alone says who joined (else count the join claims)."""
         return True
@@ -463,7 +467,9 @@ class TorchLayout(KeyLayout):
 
 class ClaimsLayout(KeyLayout):
     """Claims (etcd v3): joins are keys of their own, and a confirmation is the keep-alive key
-    itself, created under the frozen state; the document lists both only once final.
+    itself, created under the frozen state. The frozen and final documents count them instead of
+    listing them (`protocol.COUNTED_FIELD`): every node watches the state, so a list would cost
+    O(N^2) bytes per version.
 
     No node ever loses a compare-and-swap to another, and waiting nodes wake up only when the
     version freezes and when it goes final: the state changes twice per version.

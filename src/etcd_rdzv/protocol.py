@@ -10,6 +10,9 @@ backend writes it, so that both backends can take part in one rendezvous:
     {"status": "closed", ...}
 
 `version` is a decimal string and `participants` are the ranks handed out in join order.
+Under claims (etcd v3, never read by torch) a frozen or final document counts its
+participants instead of listing them and their keep-alive keys (`COUNTED_FIELD`): a list sent
+to every watching node would cost O(N^2) bytes per version.
 Each rule takes a state and returns the next one (with what the caller must do with the
 key's TTL); the caller performs it with one compare-and-swap.
 """
@@ -42,8 +45,13 @@ class Lifetime(enum.Enum):
     PERMANENT = "permanent"
 
 
+# Ours, claims layout only: {"participants": N, "keep_alive_prefix": P} stands for the ranks
+# 0..N-1 and, when the prefix is given, their keep-alive keys P0..P(N-1).
+COUNTED_FIELD = "etcd_rdzv_counted"
+# A count past any real job is a corrupt document, not a million-rank tuple to build.
+_MOST_COUNTED = 1 << 20
 _KNOWN_FIELDS = frozenset(
-    {"status", "version", "participants", "keep_alives", "num_workers_waiting"}
+    {"status", "version", "participants", "keep_alives", "num_workers_waiting", COUNTED_FIELD}
 )
 
 
@@ -64,14 +72,23 @@ class RendezvousState:
     def is_version(self, status: Status, version: int | None) -> bool:
         return self.status is status and self.version == version
 
-    def encode(self) -> str:
+    def encode(self, *, counted: bool = False) -> str:
+        """torch's document; `counted` (claims layout only) counts the participants instead
+        of listing them and their keep-alive keys, when they are the ranks 0..n-1 and keys
+        that differ only by rank."""
         document: dict[str, Any] = {"status": self.status.value}
         if self.version is not None:
             document["version"] = str(self.version)
-        if self.status is not Status.SETUP:
+        listed = self.keep_alives
+        summary = _counted(self) if counted else None
+        if summary is not None:
+            document[COUNTED_FIELD] = summary
+            if "keep_alive_prefix" in summary:
+                listed = None
+        elif self.status is not Status.SETUP:
             document["participants"] = list(self.participants)
-        if self.keep_alives is not None:
-            document["keep_alives"] = list(self.keep_alives)
+        if listed is not None:
+            document["keep_alives"] = list(listed)
         if self.num_workers_waiting is not None:
             document["num_workers_waiting"] = self.num_workers_waiting
         document.update({k: v for k, v in self.extra.items() if k not in document})
@@ -93,11 +110,15 @@ class RendezvousState:
             raise CorruptStateError(
                 key, f"unknown status {document.get('status')!r}", raw
             ) from None
+        participants = tuple(_int_list(document.get("participants", []), key, raw))
+        keep_alives = _optional_str_list(document, "keep_alives", key, raw)
+        if COUNTED_FIELD in document:
+            participants, keep_alives = _uncounted(document[COUNTED_FIELD], keep_alives, key, raw)
         state = cls(
             status=status,
             version=_optional_int(document, "version", key, raw),
-            participants=tuple(_int_list(document.get("participants", []), key, raw)),
-            keep_alives=_optional_str_list(document, "keep_alives", key, raw),
+            participants=participants,
+            keep_alives=keep_alives,
             num_workers_waiting=_optional_int(document, "num_workers_waiting", key, raw),
             extra={k: v for k, v in document.items() if k not in _KNOWN_FIELDS},
         )
@@ -448,6 +469,35 @@ def _optional_int(document: Mapping[str, Any], name: str, key: str, raw: str | N
     if number < 0:
         raise CorruptStateError(key, f"{name} is negative", raw)
     return number
+
+
+def _counted(state: RendezvousState) -> dict[str, Any] | None:
+    """The counted form of `state`'s participants and keep-alive keys, None if it has none."""
+    size = state.world_size
+    if not size or state.participants != tuple(range(size)):
+        return None
+    summary: dict[str, Any] = {"participants": size}
+    keys = state.keep_alives
+    if keys and len(keys) == size:
+        prefix = keys[0].removesuffix("0")
+        if prefix != keys[0] and all(k == f"{prefix}{r}" for r, k in enumerate(keys)):
+            summary["keep_alive_prefix"] = prefix
+    return summary
+
+
+def _uncounted(
+    summary: object, keep_alives: tuple[str, ...] | None, key: str, raw: str | None
+) -> tuple[tuple[int, ...], tuple[str, ...] | None]:
+    if not isinstance(summary, dict):
+        raise CorruptStateError(key, f"{COUNTED_FIELD} is not an object", raw)
+    size, prefix = summary.get("participants"), summary.get("keep_alive_prefix")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MOST_COUNTED:
+        raise CorruptStateError(key, f"{COUNTED_FIELD} counts no participants", raw)
+    if prefix is None:
+        return tuple(range(size)), keep_alives
+    if not isinstance(prefix, str):
+        raise CorruptStateError(key, f"{COUNTED_FIELD} has a keep-alive prefix that is no key", raw)
+    return tuple(range(size)), tuple(f"{prefix}{rank}" for rank in range(size))
 
 
 def _int_list(value: object, key: str, raw: str | None) -> list[int]:

@@ -400,7 +400,7 @@ class EtcdRendezvous:
             decision = decisions.close(state, self.runtime.time())
             if isinstance(decision, decisions.Done):
                 return Keep(None)
-            return Put(self._signed(decision.state).encode(), state)
+            return Put(self.layout.encode_state(self._signed(decision.state)), state)
 
         try:
             before, entry = swap(self._kv, self.paths.active_version, close, runtime=self.runtime)
@@ -538,7 +538,7 @@ class EtcdRendezvous:
             decision = self.check(phase, decide(state))
             if isinstance(decision, decisions.Write | protocol.Joined):
                 ttl = self._ttl(decision.lifetime)
-                return Put(self._signed(decision.state).encode(), decision, ttl)
+                return Put(self.layout.encode_state(self._signed(decision.state)), decision, ttl)
             if isinstance(decision, decisions.Refresh):
                 return Put(entry.value, decision, self._ttl(decision.lifetime))
             return Keep(decision)

@@ -119,6 +119,30 @@ def test_freezing_claims_lists_the_counted_participants_and_completes_like_torch
     }  # fmt: skip
 
 
+def test_under_claims_a_document_counts_its_participants_instead_of_listing_them() -> None:
+    """Issue 16: every node watching the state receives each frozen and final document, so
+    listing N ranks and N keys there costs O(N^2) bytes per version; counted, O(N)."""
+    keys = [f"/run/rdzv/v_7/rank_{rank}" for rank in range(1000)]
+    frozen = protocol.freeze(protocol.open_version(7), world_size=1000)
+    final = protocol.complete(frozen, keys, now=1.0)
+    closed = protocol.close(protocol.announce_waiting(final))
+    for state in (frozen, final, closed):
+        raw = state.encode(counted=True)
+        assert len(raw) < 300
+        assert RendezvousState.decode(raw, KEY) == state
+    assert json.loads(final.encode(counted=True))[protocol.COUNTED_FIELD] == {
+        "participants": 1000, "keep_alive_prefix": "/run/rdzv/v_7/rank_",
+    }  # fmt: skip
+    # torch's layout keeps torch's document, and anything that is not ranks 0..n-1 with keys
+    # differing by rank alone stays listed.
+    assert len(final.encode()) > 1000 * len(keys[0])
+    odd = replace(final, keep_alives=(*keys[:-1], "/elsewhere/rank_999"))
+    assert "keep_alives" in json.loads(odd.encode(counted=True))
+    assert RendezvousState.decode(odd.encode(counted=True), KEY) == odd
+    joinable = protocol.open_version(8)
+    assert json.loads(joinable.encode(counted=True)) == json.loads(joinable.encode())
+
+
 def test_the_version_trace_travels_in_the_state_through_every_rewrite() -> None:
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     joinable = protocol.open_version(3, trace_context=traceparent)
@@ -162,6 +186,15 @@ def test_announce_and_close() -> None:
         ('{"status": "joinable", "version": Infinity, "participants": []}', "not an integer"),
         ('{"status": "joinable", "version": 1.5, "participants": []}', "not an integer"),
         ('{"status": "joinable", "version": "-2", "participants": []}', "negative"),
+        ('{"status": "final", "version": "1", "etcd_rdzv_counted": 3}', "not an object"),
+        ('{"status": "final", "version": "1", "etcd_rdzv_counted": {"participants": -1}}',
+         "counts no participants"),
+        ('{"status": "final", "version": "1", "etcd_rdzv_counted": {"participants": 1e12}}',
+         "counts no participants"),
+        ('{"status": "final", "version": "1", "etcd_rdzv_counted": {"participants": 9999999999}}',
+         "counts no participants"),
+        ('{"status": "final", "version": "1", '
+         '"etcd_rdzv_counted": {"participants": 2, "keep_alive_prefix": 5}}', "no key"),
     ],
 )  # fmt: skip
 def test_corrupt_documents_name_the_key_and_the_problem(raw: str, problem: str) -> None:
