@@ -595,7 +595,9 @@ class ClaimsLayout(KeyLayout):
         )
         node.hold_rank(version, rank)
         world_size = snapshot[1].world_size
-        keys = [self.paths.keep_alive(version, r) for r in range(world_size)]
+        # Only the claim that completes the set writes the keys (O(N) to build at every node).
+        completes = position >= world_size
+        keys = [self.paths.keep_alive(version, r) for r in range(world_size)] if completes else []
         _, snapshot = node.swap_state(
             snapshot,
             Phase.CONFIRM,
