@@ -19,7 +19,8 @@ from benchmarks.summary import Summary, Target, TelemetryCost
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 _GIB = 1024**3
 _COLUMNS = ("setup", "median", "min", "max", "vs torch `etcd`", "first node", "CPU s/node",
-            "etcd requests", "per node", "rendezvous only", "etcd bytes sent/node")  # fmt: skip
+            "etcd requests", "per node", "rendezvous only", "etcd bytes sent/node",
+            "etcd CPU s/node")  # fmt: skip
 
 
 @dataclass
@@ -134,6 +135,7 @@ def _rows(summaries: Sequence[Summary], nodes: int) -> list[tuple[str, ...]]:
             _ratio(s), _seconds(s.first_node_seconds), _cpu(s.cpu_seconds_per_node),
             _number(s.requests), _number(s.requests_per_node),
             _number(s.rendezvous_requests_per_node), _bytes(s.sent_bytes_per_node),
+            _cpu(s.etcd_cpu_seconds_per_node),
         ))  # fmt: skip
     return rows
 
@@ -303,7 +305,8 @@ def docs_section(results: Results, plot_path: Path, docs_path: Path) -> str:
         "total` over the same span, per node: v3 only (etcd 3.4 counts no bytes of its v2 API); "
         "the JSON gateway re-encodes them with keys and values in base64, a third more.",
         "- CPU s/node: each worker process's CPU time (all its threads) from the release to its "
-        "last node's return, summed and divided by N.",
+        "last node's return, summed and divided by N. etcd CPU s/node: the etcd process's CPU "
+        "time over the same span (from /proc), divided by N.",
         "- Telemetry off: `metrics_port=off, log_level=WARNING, progress_interval=off`. On: the "
         "defaults (INFO logs, to each worker's log file), a trace file per node and metrics on "
         "a free loopback port.",

@@ -14,6 +14,7 @@ watches, metrics servers), summed over the workers and divided by the nodes.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ REQUEST_COUNTERS = ("etcd_http_received_total", "grpc_server_started_total")
 # no bytes of its v2 HTTP API.
 SENT_BYTES_COUNTER = "etcd_network_client_grpc_sent_bytes_total"
 REFERENCE = "torch etcd"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Status = Literal["ok", "timeout", "failed"]
 
@@ -140,6 +142,8 @@ class RoundResult(Outcome):
     # Bytes etcd sent (v3 only: see SENT_BYTES_COUNTER), handler creation and rendezvous.
     sent_bytes_create: int | None = None
     sent_bytes_rendezvous: int | None = None
+    # etcd's own CPU time (user and system) from the release to the last return.
+    etcd_cpu_seconds: float | None = None
     threads_left: list[str] = field(default_factory=list)
     # The whole round: workers taken, handlers created, rendezvous, shut down.
     round_seconds: float | None = None
@@ -177,6 +181,13 @@ class EtcdServed:
         return EtcdServed(self.requests - earlier.requests, self.sent_bytes - earlier.sent_bytes)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    # utime and stime: fields 14 and 15 of stat(5), counted after the ")" from field 3.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 def etcd_served(etcd: LocalEtcd) -> EtcdServed:
     requests = sent = 0.0
     for family in text_string_to_metric_families(etcd.metrics_text()):
@@ -209,8 +220,12 @@ def run_round(
         _create(plan, workers, prepared)
         result.create_seconds = time.monotonic() - creating
         created = served()
+        etcd_pid = plan.etcd.pid if setup.uses_etcd else None
+        etcd_cpu = None if etcd_pid is None else process_cpu_seconds(etcd_pid)
         go = plan.pool.go(workers, plan.ready_timeout)
         done = collect(workers, Done, go + plan.round_timeout)
+        if etcd_pid is not None and etcd_cpu is not None:
+            result.etcd_cpu_seconds = process_cpu_seconds(etcd_pid) - etcd_cpu
         finished = served()
     except WorkerError as exc:
         return _abandon(plan.pool, workers, result, exc)

@@ -33,6 +33,7 @@ class Summary:
     requests_per_node: float | None = None
     rendezvous_requests_per_node: float | None = None  # go to the last return only
     sent_bytes_per_node: float | None = None  # bytes etcd sent, creation and rendezvous (v3)
+    etcd_cpu_seconds_per_node: float | None = None  # etcd's CPU, release to the last return
     speedup: float | None = None  # torch etcd's median / this median
 
 
@@ -97,6 +98,8 @@ def _fill(summary: Summary, ok: list[RoundResult]) -> None:
     if summary.requests is not None and rendezvous is not None:
         summary.requests_per_node = summary.requests / summary.nodes
         summary.rendezvous_requests_per_node = rendezvous / summary.nodes
+    etcd_cpu = _median(r.etcd_cpu_seconds for r in ok)
+    summary.etcd_cpu_seconds_per_node = None if etcd_cpu is None else etcd_cpu / summary.nodes
     sent = _median(r.sent_bytes for r in ok)
     summary.sent_bytes_per_node = None if sent is None else sent / summary.nodes
 
