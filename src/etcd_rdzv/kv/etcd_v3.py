@@ -1,7 +1,7 @@
 """The etcd v3 API transport: a small client of etcd's gRPC gateway (JSON over HTTP).
 
-Unary requests go over kept-alive `http.client` connections (`kv/unary.py`: a third of the
-CPU per request of urllib3's pool manager), watch streams over urllib3.
+Requests go over `http.client` (`kv/gateway_http.py`): unary ones on kept-alive connections,
+each watch stream on a fresh one; a third of the CPU urllib3's pool manager took.
 
 Why our own client: the maintained gRPC clients are asyncio-only or pin old protobuf, and the
 one gateway client retries on its own; see docs/etcd-v3.md for the evaluation. The gateway is
@@ -28,12 +28,9 @@ import math
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import urllib3
-import urllib3.exceptions
 
 from etcd_rdzv.config import Credentials, RendezvousConfig
 from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError
@@ -50,24 +47,15 @@ from etcd_rdzv.kv.base import (
     OutcomeUnknown,
 )
 from etcd_rdzv.kv.failover import Failover, WatchTimedOut
-from etcd_rdzv.kv.unary import AnswerLost, NotSent, UnaryHttp
+from etcd_rdzv.kv.gateway_http import AnswerLost, GatewayHttp, NotSent, StreamTimedOut
 from etcd_rdzv.telemetry import Observer
 
 Json = dict[str, Any]
 
 # Errors raised before a request left this process: nothing can have applied.
-_NOT_SENT = (
-    NotSent,
-    urllib3.exceptions.NewConnectionError,
-    urllib3.exceptions.ConnectTimeoutError,
-    urllib3.exceptions.NameResolutionError,
-)
+_NOT_SENT = (NotSent,)
 # The request was sent and the answer lost: applied or not, nobody can tell.
-_ANSWER_LOST = (
-    AnswerLost,
-    urllib3.exceptions.ReadTimeoutError,
-    urllib3.exceptions.ProtocolError,
-)
+_ANSWER_LOST = (AnswerLost,)
 
 # gRPC status codes the gateway reports in `code`.
 _INVALID_ARGUMENT = 3
@@ -146,22 +134,13 @@ class EtcdV3(KeyValue):
     def __init__(self, config: RendezvousConfig, observer: Observer) -> None:
         """Connect as `config` says: its endpoints, TLS files, credentials and timeout."""
         endpoints = config.endpoints
-        cacert, cert, key = config.tls.as_strings()
         self._failover = Failover(endpoints, config.request_timeout, observer)
         self._credentials = config.credentials
         # The auth token of the endpoint that issued it; any endpoint accepts it.
         self._token: str | None = None
-        self._urls = [f"{config.protocol}://{endpoint}/v3" for endpoint in endpoints]
         self._request_timeout = config.request_timeout
-        pool_tls: Json = {}
-        if config.protocol == "https":
-            pool_tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": cacert}
-            if cert:
-                pool_tls.update(cert_file=cert, key_file=key)
-        # Watch streams: watches and keep-alive threads hold them beside the main thread.
-        self._http = urllib3.PoolManager(num_pools=len(endpoints), maxsize=4, **pool_tls)
-        # Everything else: kept-alive plain connections, a third of the CPU per request.
-        self._unary = UnaryHttp(
+        # Unary requests on kept-alive connections, watch streams on fresh ones (see the module).
+        self._http = GatewayHttp(
             endpoints, "/v3", config.tls.client_context() if config.protocol == "https" else None
         )
         self._lock = threading.Lock()
@@ -331,8 +310,7 @@ class EtcdV3(KeyValue):
         return max(0.0, float(reply.get("TTL", 0)))
 
     def close(self) -> None:
-        self._http.clear()
-        self._unary.close()
+        self._http.close()
 
     # --- leases ------------------------------------------------------------------------------
 
@@ -467,7 +445,7 @@ class EtcdV3(KeyValue):
         inside the request so that its metrics count it like the v2 transport does."""
 
         def request(index: int) -> Json:
-            status, data = self._unary.post(
+            status, data = self._http.post(
                 index,
                 path,
                 json.dumps(body).encode(),
@@ -495,44 +473,43 @@ class EtcdV3(KeyValue):
 
         `shortcut` is asked once, if the store has moved past `after_revision`.
         """
-        response = self._http.request(
-            "POST",
-            self._urls[index] + "/watch",
-            body=json.dumps(create).encode(),
-            headers=self._headers(index),
-            timeout=urllib3.Timeout(connect=self._request_timeout, read=timeout),
-            retries=False,
-            preload_content=False,
-        )
         give_up_at = time.monotonic() + timeout
+        stream = self._http.stream(
+            index,
+            "/watch",
+            json.dumps(create).encode(),
+            self._headers(index),
+            connect_timeout=self._request_timeout,
+            read_timeout=timeout,
+        )
         try:
-            if response.status != 200:
-                data = response.read()
-                raise _gateway_error(response.status, _json(data), data)
-            for message in _json_lines(response):
-                if "error" in message:
-                    raise _stream_error(message["error"])
-                result = message.get("result", {})
-                if result.get("canceled") or "compact_revision" in result:
-                    raise _HistoryGone()
-                # A lagging member may start a watch at the present before `after_revision`.
-                changes = [_change(event) for event in result.get("events", ())]
-                changes = [change for change in changes if change.revision > after_revision]
-                if changes:
-                    return changes[0]
-                if result.get("created") and shortcut and _revision(result) > after_revision:
-                    change = shortcut()
-                    if change is not None:
-                        return change
-                if time.monotonic() >= give_up_at:
-                    raise WatchTimedOut()
-            raise _StreamEnded()
-        except urllib3.exceptions.ReadTimeoutError:
+            with stream as (status, lines):
+                if status != 200:
+                    data = b"".join(lines)
+                    raise _gateway_error(status, _json(data), data)
+                for line in lines:
+                    message = _json(line)
+                    if not isinstance(message, dict):
+                        raise _gateway_error(status, message, line)
+                    if "error" in message:
+                        raise _stream_error(message["error"])
+                    result = message.get("result", {})
+                    if result.get("canceled") or "compact_revision" in result:
+                        raise _HistoryGone()
+                    # A lagging member may start a watch at the present before `after_revision`.
+                    changes = [_change(event) for event in result.get("events", ())]
+                    changes = [change for change in changes if change.revision > after_revision]
+                    if changes:
+                        return changes[0]
+                    if result.get("created") and shortcut and _revision(result) > after_revision:
+                        change = shortcut()
+                        if change is not None:
+                            return change
+                    if time.monotonic() >= give_up_at:
+                        raise WatchTimedOut()
+                raise _StreamEnded()
+        except StreamTimedOut:
             raise WatchTimedOut() from None
-        finally:
-            # A stream stopped mid-way cannot go back to the pool.
-            response.close()
-            response.release_conn()
 
     def _headers(self, index: int) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -549,7 +526,7 @@ class EtcdV3(KeyValue):
         """A token for `credentials`, asked of endpoint `index` (inside a request attempt, so
         its failures are classified and retried like the request's own)."""
         body = {"name": credentials.username, "password": credentials.password}
-        status, data = self._unary.post(
+        status, data = self._http.post(
             index,
             "/auth/authenticate",
             json.dumps(body).encode(),
@@ -600,7 +577,7 @@ def _classify(
     if isinstance(error, _StreamEnded):
         return "unavailable", None
     tls_failure = error.cause if isinstance(error, NotSent) else error
-    if isinstance(tls_failure, urllib3.exceptions.SSLError | ssl.SSLError):
+    if isinstance(tls_failure, ssl.SSLError):
         return "tls_error", EtcdRejectedError(
             f"{where}: TLS handshake failed ({tls_failure}). Check cacert, cert and key."
         )
@@ -668,16 +645,6 @@ def _json(data: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         return None
-
-
-def _json_lines(response: urllib3.BaseHTTPResponse) -> Iterator[Json]:
-    buffered = b""
-    for chunk in response.stream(4096):
-        buffered += chunk
-        *lines, buffered = buffered.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
 
 
 def _succeeded(refusal: KvError) -> Callable[[Json], None]:

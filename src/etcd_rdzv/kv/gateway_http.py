@@ -1,20 +1,23 @@
-"""Unary HTTP requests to etcd's JSON gateway over kept-alive `http.client` connections.
+"""Requests to etcd's JSON gateway over `http.client`: unary ones on kept-alive connections,
+watch streams each on a connection of its own.
 
-Why not urllib3 for these: a rendezvous is a dozen small requests per node, and on a busy
-host every node's CPU is the rendezvous' latency (docs/benchmarks.md). Measured on one node
-(`get` in a loop against a local etcd, `time.process_time`): 0.60 ms of CPU per request
-through urllib3's pool manager, 0.26 ms through one `http.client` connection. The pool
-manager's URL parsing, pool keys, header objects and retry bookkeeping are the difference.
-Watch streams stay on urllib3 (`etcd_v3`): they are few and long.
+Why not urllib3: a rendezvous is a dozen small requests and three watches per node, and on a
+busy host every node's CPU is the rendezvous' latency (docs/benchmarks.md). Measured on one
+node against a local etcd (`time.process_time`, issue 16): a `get` took 0.60 ms of CPU
+through urllib3's pool manager and 0.26 ms through one kept-alive `http.client` connection; a
+watch that sees one event took about 1 ms through urllib3 (URL parsing, pool keys, header
+objects, retry bookkeeping, its chunked reader) and 0.49 ms here
+(the same `watch` in a loop, the event written by another client 3 ms after it opened).
 
-Connections are kept per endpoint, one per thread in flight at most (a watch thread, the
-keep-alive refreshers and the main thread each take one), and one is dropped as soon as a
-request on it fails: the next request opens a fresh one.
+Unary connections are kept per endpoint, one per thread in flight at most (the main thread and
+the keep-alive refreshers each take one), and one is dropped as soon as a request on it fails:
+the next request opens a fresh one. A watch stream is closed once its caller has what it waited
+for (a stream stopped mid-way cannot carry another request).
 
 Errors are this module's own, so that the transport can tell what may have applied:
 `NotSent` (no byte of the request left: refused, unresolvable, TLS handshake failed) and
 `AnswerLost` (sent, no complete answer: a timeout, a reset); `ssl.SSLError` is raised as is
-inside `NotSent.cause`.
+inside `NotSent.cause`. A watch stream's read past its time raises `StreamTimedOut`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from etcd_rdzv.config import EtcdEndpoint
 
@@ -45,8 +49,13 @@ class AnswerLost(Exception):
         self.cause = cause
 
 
-class UnaryHttp:
-    """POST small JSON bodies to a fixed set of endpoints, keeping connections alive."""
+class StreamTimedOut(Exception):
+    """A watch stream sent nothing more within its read timeout."""
+
+
+class GatewayHttp:
+    """POST JSON bodies to a fixed set of endpoints: small requests on kept-alive connections,
+    streams on fresh ones."""
 
     def __init__(
         self, endpoints: Sequence[EtcdEndpoint], prefix: str, tls: ssl.SSLContext | None
@@ -92,6 +101,39 @@ class UnaryHttp:
             self._give_back(index, connection)
         return response.status, data
 
+    @contextmanager
+    def stream(
+        self,
+        index: int,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """A streamed POST to endpoint `index`: its status and its body, line by line (the
+        gateway sends one JSON message per line), each awaited up to `read_timeout`. The
+        connection is closed when the block ends."""
+        endpoint = self._endpoints[index]
+        connection = self._open(endpoint, connect_timeout)
+        try:
+            try:
+                connection.request("POST", self._prefix + path, body, headers)
+            except (OSError, http.client.HTTPException) as error:
+                raise NotSent(str(endpoint), error) from error
+            assert connection.sock is not None
+            connection.sock.settimeout(read_timeout)
+            try:
+                response = connection.getresponse()
+            except TimeoutError:
+                raise StreamTimedOut() from None
+            except (OSError, http.client.HTTPException) as error:
+                raise AnswerLost(str(endpoint), error) from error
+            yield response.status, _lines(response, str(endpoint))
+        finally:
+            connection.close()
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, [[] for _ in self._endpoints]
@@ -130,6 +172,26 @@ class UnaryHttp:
     def _give_back(self, index: int, connection: http.client.HTTPConnection) -> None:
         with self._lock:
             self._idle[index].append(connection)
+
+
+def _lines(response: http.client.HTTPResponse, endpoint: str) -> Iterator[bytes]:
+    """The non-empty lines of a streamed body, as they arrive; the last one even without its
+    newline."""
+    buffered = b""
+    while True:
+        try:
+            chunk = response.read1(65536)
+        except TimeoutError:
+            raise StreamTimedOut() from None
+        except (OSError, http.client.HTTPException) as error:
+            raise AnswerLost(endpoint, error) from error
+        if not chunk:
+            if buffered.strip():
+                yield buffered
+            return
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        yield from (line for line in lines if line.strip())
 
 
 def _dropped(connection: http.client.HTTPConnection) -> bool:
