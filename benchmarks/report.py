@@ -125,6 +125,8 @@ def _ratio(summary: Summary) -> str:
 def _rows(summaries: Sequence[Summary], nodes: int) -> list[tuple[str, ...]]:
     rows = []
     for s in (s for s in summaries if s.nodes == nodes):
+        if not (s.rounds_ok or s.rounds_failed or s.rounds_timed_out or s.skipped):
+            continue  # not run at this N (above --all-setups-up-to)
         name = s.setup + (" †" if _note(s) else "")
         if not s.rounds_ok:
             outcome = "timed out" if s.rounds_timed_out else "failed" if s.rounds_failed else ""
@@ -298,6 +300,8 @@ def docs_section(results: Results, plot_path: Path, docs_path: Path) -> str:
         f"the rounds. A round is bounded by {settings['round_timeout']:g} s (one past it is "
         "recorded as timed out and its workers are killed and replaced); a setup with a round "
         f"over {settings['slow_cap_seconds']:g} s runs no further rounds at that N or above.",
+        f"Above N = {settings['all_setups_up_to']} only the setups "
+        f"{', '.join(settings['large_setups'])} run (etcd-rdzv over v3, telemetry off and on).",
         "- etcd requests are etcd's own counts (`etcd_http_received_total` for v2, "
         "`grpc_server_started_total` for v3) from handler creation to the last return; "
         '"rendezvous only" counts from the release. torch `c10d` keeps its state in a '
