@@ -1,36 +1,20 @@
-"""The v3 transport's pure parts: gateway JSON, watch stream framing, and error meaning."""
+"""The v3 transport's pure parts: gateway JSON and error meaning (the watch stream's framing is
+tests/unit/test_gateway_http.py's)."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 
 import pytest
-import urllib3.exceptions
 
 from etcd_rdzv.errors import EtcdRejectedError
 from etcd_rdzv.kv import Change, OutcomeUnknown
 from etcd_rdzv.kv import etcd_v3 as wire
+from etcd_rdzv.kv.gateway_http import AnswerLost
 
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-class ChunkedResponse:
-    """Stands in for a streaming HTTP response: what matters is where chunks are cut."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
-
-    def stream(self, amount: int) -> Iterator[bytes]:
-        yield from self.chunks
-
-
-def test_watch_messages_are_reassembled_across_and_within_chunks() -> None:
-    chunks = [b'{"result": {"created"', b': true}}\n{"result": {"events": [', b"]}}\n\n{}\n"]
-    messages = list(wire._json_lines(ChunkedResponse(chunks)))  # type: ignore[arg-type]
-    assert messages == [{"result": {"created": True}}, {"result": {"events": []}}, {}]
 
 
 def test_events_decode_puts_and_deletes() -> None:
@@ -72,7 +56,7 @@ def test_no_leader_is_retried_even_for_writes() -> None:
 
 
 def test_a_lost_answer_is_retried_only_when_repeating_is_harmless() -> None:
-    lost = urllib3.exceptions.ReadTimeoutError(None, "/v3/kv/txn", "read timed out")  # type: ignore[arg-type]
+    lost = AnswerLost("h:1", TimeoutError("read timed out"))
     assert wire._classify(lost, "/k", "where", idempotent=True) == ("unavailable", None)
     assert isinstance(wire._classify(lost, "/k", "where", idempotent=False)[1], OutcomeUnknown)
 

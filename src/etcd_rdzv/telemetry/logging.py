@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 from opentelemetry import trace
@@ -44,17 +44,61 @@ def configure_logging(log_format: LogFormat = "auto", level: str = "INFO") -> No
         if use_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+    package.addHandler(_OwnHandler(sys.stderr, renderer))
+    # Our own handler only: no second copy of each line through the root logger.
+    package.propagate = False
+
+
+class _OwnHandler(logging.StreamHandler[TextIO]):
+    """The handler etcd-rdzv adds when the application configured none.
+
+    It keeps its renderer, so that an event only it would write can skip the standard
+    path's record and formatter (see `_EventLog`), for the very same line.
+    """
+
+    def __init__(self, stream: TextIO, renderer: Any) -> None:
+        super().__init__(stream)
+        self.renderer = renderer
+        self.own_formatter = structlog.stdlib.ProcessorFormatter(
             processor=renderer,
             foreign_pre_chain=[*_shared_processors(), structlog.processors.format_exc_info],
         )
-    )
-    setattr(handler, _HANDLER_MARK, True)
-    package.addHandler(handler)
-    # Our own handler only: no second copy of each line through the root logger.
-    package.propagate = False
+        self.setFormatter(self.own_formatter)
+        setattr(self, _HANDLER_MARK, True)
+
+    def write_event(self, logger: logging.Logger, level: int, event: dict[str, Any]) -> None:
+        """What the standard path writes for `event`, built as `event_logger`'s processors
+        build it: ProcessorFormatter renders a structlog record's dict with its renderer, and
+        the formatted message is that rendering alone."""
+        try:
+            line = self.renderer(logger, event["level"], event)
+            with self.lock:  # type: ignore[union-attr]  # set in Handler.__init__
+                self.stream.write(line + self.terminator)
+                self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logger.makeRecord(logger.name, level, "", 0, event, (), None))
+
+
+def _sole_handler(logger: logging.Logger, level: int) -> _OwnHandler | None:
+    """Our handler, if a record of `logger` at `level` would reach it and nothing else: no
+    other handler or filter, no record factory, nothing that could see the difference."""
+    if logger.handlers or logger.filters or logger.disabled or not logger.propagate:
+        return None
+    package = logger.parent
+    if package is None or package.filters or package.propagate or len(package.handlers) != 1:
+        return None
+    handler = package.handlers[0]
+    if (
+        type(handler) is not _OwnHandler
+        or handler.filters
+        or level < handler.level
+        or handler.formatter is not handler.own_formatter
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    return handler
 
 
 def _shared_processors() -> list[Any]:
@@ -73,6 +117,46 @@ def _add_trace_ids(
         event["trace_id"] = trace.format_trace_id(context.trace_id)
         event["span_id"] = trace.format_span_id(context.span_id)
     return event
+
+
+_STAMP = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+class _EventLog:
+    """This node's events, as `event_logger` logs them.
+
+    When etcd-rdzv's own handler is the only one they reach (torchrun's agents, unless the
+    application set up logging), the line is rendered and written here directly: the
+    standard path's LogRecord, its copy in ProcessorFormatter and the handler chain were
+    most of an event's cost. Anything else configured takes the standard path.
+    """
+
+    def __init__(self, run_id: str, node: str) -> None:
+        self._bound = event_logger(run_id, node)
+        self._context = {"run_id": run_id, "node": node}
+        self._logger = logging.getLogger(EVENT_LOGGER_NAME)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, "info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, "warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, "error", event, fields)
+
+    def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(level):
+            return  # as structlog's filter_by_level drops it
+        handler = _sole_handler(logger, level)
+        if handler is None:
+            getattr(self._bound, method)(event, **fields)
+            return
+        # `event_logger`'s processors, in their order (the keys' order in the line).
+        line = {**self._context, **fields, "event": event, "level": method, "logger": logger.name}
+        _add_trace_ids(logger, method, _STAMP(logger, method, line))
+        handler.write_event(logger, level, line)
 
 
 def event_logger(run_id: str, node: str) -> Any:
@@ -99,7 +183,7 @@ class LoggingObserver(Observer):
         max_nodes: int | None = None,
         progress_interval: float | None = None,
     ) -> None:
-        self._log = event_logger(run_id, node)
+        self._log = _EventLog(run_id, node)
         self._unanswered_logged_at = float("-inf")
         self._progress = _Progress(self._log, min_nodes, max_nodes, progress_interval)
 
@@ -237,71 +321,80 @@ class _Progress:
 
     A stuck agent's log then says where it waits and for whom, not only that it started.
     One thread for the observer's life, started with it: starting a thread per rendezvous
-    put a thread start (and the wait for it to run) on every rendezvous' critical path.
+    put a thread start (and the wait for it to run) on every rendezvous' critical path. The
+    thread is never woken by a rendezvous either (two thread switches per rendezvous): it
+    looks by itself, once per interval while idle, so a rendezvous that began meanwhile is
+    still reported on time, its first report being due one interval after it began.
     """
 
     def __init__(
-        self, log: Any, min_nodes: int | None, max_nodes: int | None, interval: float | None
+        self, log: _EventLog, min_nodes: int | None, max_nodes: int | None, interval: float | None
     ) -> None:
         self._log = log
         self._needed = {"min_nodes": min_nodes, "max_nodes": max_nodes}
-        self._interval = interval
+        self._interval = interval or None
         self._lock = threading.Lock()
         self._phases: list[tuple[Phase, _LogScope, float]] = []
-        self._running = threading.Event()  # set while a rendezvous lasts
-        self._ended = threading.Event()  # set when it ends (and when closing)
-        self._closed = False
+        self._due: float | None = None  # the next report of the rendezvous under way
+        self._closed = threading.Event()
         self.participants: int | None = None
-        if interval:
+        if self._interval is not None:
             threading.Thread(target=self._report, name="etcd-rdzv-progress", daemon=True).start()
 
     def enter(self, phase: Phase, scope: _LogScope) -> None:
+        if self._interval is None:
+            return  # nothing reads the phases
+        now = time.monotonic()
         with self._lock:
-            self._phases.append((phase, scope, time.monotonic()))
-        if phase is Phase.RENDEZVOUS:
-            self._ended.clear()
-            self._running.set()
+            self._phases.append((phase, scope, now))
+            if phase is Phase.RENDEZVOUS:
+                self._due = now + self._interval
 
     def leave(self, phase: Phase) -> None:
+        if self._interval is None:
+            return
         with self._lock:
             self._phases = [entry for entry in self._phases if entry[0] is not phase]
-        if phase is Phase.RENDEZVOUS:
-            self._running.clear()
-            self._ended.set()
+            if phase is Phase.RENDEZVOUS:
+                self._due = None
 
     def close(self) -> None:
-        self._closed = True
-        self._ended.set()
-        self._running.set()
+        self._closed.set()
 
     def _report(self) -> None:
         assert self._interval is not None
-        while True:
-            self._running.wait()
-            # Every interval until this rendezvous ends; then wait for the next one.
-            while not self._ended.wait(self._interval):
-                self._log_waiting()
-            if self._closed:
-                return
+        wait = self._interval
+        while not self._closed.wait(wait):
+            wait = self._report_if_due(self._interval)
 
-    def _log_waiting(self) -> None:
-        # Written under the lock: once `leave` took the phase away, no line about it follows.
+    def _report_if_due(self, interval: float) -> float:
+        """Report if the rendezvous under way is due; return how long to wait for the next."""
+        # Under the lock: once `leave` took the phase away, no line about it follows.
         with self._lock:
-            if not self._phases:
-                return
-            _, _, began = self._phases[0]
-            phase, scope, since = self._phases[-1]
-            fields = dict(scope.fields)
+            if self._due is None:
+                return interval
             now = time.monotonic()
-            # The state read last, not the phase's start: joins since then count.
-            fields["participants"] = self.participants
-            self._log.info(
-                "rendezvous_waiting",
-                **{**fields, "phase": phase.value},
-                **{k: v for k, v in self._needed.items() if v is not None},
-                phase_seconds=round(now - since, 1),
-                seconds=round(now - began, 1),
-            )
+            if now < self._due:
+                return self._due - now
+            self._due = now + interval
+            self._log_waiting(now)
+            return interval
+
+    def _log_waiting(self, now: float) -> None:
+        if not self._phases:
+            return
+        _, _, began = self._phases[0]
+        phase, scope, since = self._phases[-1]
+        fields = dict(scope.fields)
+        # The state read last, not the phase's start: joins since then count.
+        fields["participants"] = self.participants
+        self._log.info(
+            "rendezvous_waiting",
+            **{**fields, "phase": phase.value},
+            **{k: v for k, v in self._needed.items() if v is not None},
+            phase_seconds=round(now - since, 1),
+            seconds=round(now - began, 1),
+        )
 
 
 class _LogScope(PhaseScope):

@@ -2,21 +2,28 @@
 
 Every series carries `run_id`; Prometheus adds `instance` when it scrapes, which tells nodes
 apart. Histograms carry the trace id of the span they measured as an OpenMetrics exemplar.
+The families are collectors of this module's own (`Counter`, `Gauge`, `Histogram`), which a
+scrape sees exactly as prometheus_client's classes of those names.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import metrics as client_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 from etcd_rdzv.telemetry.observer import Observer, Phase, PhaseScope
 
@@ -33,14 +40,16 @@ class RendezvousMetrics:
     """The metric families of one run, registered in `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, ["run_id", *labels], registry=registry, buckets=buckets)
+        def histogram(
+            name: str, doc: str, labels: list[str], buckets: tuple[float, ...]
+        ) -> Histogram:
+            return Histogram(registry, name, doc, ["run_id", *labels], buckets)
 
-        def counter(name: str, doc: str, labels: list[str]) -> Any:
-            return Counter(name, doc, ["run_id", *labels], registry=registry)
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(registry, name, doc, ["run_id", *labels])
 
-        def gauge(name: str, doc: str, labels: list[str] | None = None) -> Any:
-            return Gauge(name, doc, ["run_id", *(labels or [])], registry=registry)
+        def gauge(name: str, doc: str, labels: list[str] | None = None) -> Gauge:
+            return Gauge(registry, name, doc, ["run_id", *(labels or [])])
 
         self.phase_duration = histogram(
             "etcd_rdzv_phase_duration_seconds",
@@ -122,6 +131,181 @@ class RendezvousMetrics:
             ["operation"],
             _REQUEST_BUCKETS,
         )
+
+
+_Series = TypeVar("_Series", bound="_CounterSeries | _GaugeSeries | _HistogramSeries")
+
+
+class _Family(Collector, Generic[_Series]):
+    """A metric family with labels, exported as prometheus_client's own would be.
+
+    prometheus_client's labelled children validate their names again and make a lock per
+    value (per bucket, for a histogram) when first used: some 35 µs per histogram series,
+    paid inside the first rendezvous that uses it. A series here is a few floats behind its
+    family's lock; the samples a scrape sees are the same, name, labels, value and exemplar.
+    """
+
+    _type = ""
+
+    def __init__(
+        self, registry: CollectorRegistry, name: str, documentation: str, labelnames: list[str]
+    ) -> None:
+        self.name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], _Series] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Series:
+        key = tuple(str(value) for value in values)
+        series = self._series.get(key)
+        if series is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self.name}: {len(key)} label values for {self._labelnames}")
+            with self._lock:
+                series = self._series.setdefault(key, self._new_series())
+        return series
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self._documentation, self._type)]
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self.name, self._documentation, self._type)
+        # Read at each scrape, as prometheus_client does: disable_created_metrics() holds.
+        created = client_metrics._use_created
+        with self._lock:
+            for values, series in self._series.items():
+                labels = dict(zip(self._labelnames, values, strict=True))
+                series.add_samples(metric, labels, created)
+        return [metric]
+
+    def _new_series(self) -> _Series:
+        raise NotImplementedError
+
+
+class _CounterSeries:
+    __slots__ = ("_created", "_lock", "_value")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._value = 0.0
+        self._created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        with self._lock:
+            self._value += amount
+
+    def add_samples(self, metric: Metric, labels: dict[str, str], created: bool) -> None:
+        metric.add_sample(metric.name + "_total", labels, self._value)
+        if created:
+            metric.add_sample(metric.name + "_created", dict(labels), self._created)
+
+
+class _GaugeSeries:
+    __slots__ = ("_lock", "_value")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._value = 0.0
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = float(value)
+
+    def add_samples(self, metric: Metric, labels: dict[str, str], created: bool) -> None:
+        metric.add_sample(metric.name, labels, self._value)
+
+
+class _HistogramSeries:
+    __slots__ = ("_counts", "_created", "_exemplars", "_family", "_lock", "_sum")
+
+    def __init__(self, family: Histogram, lock: threading.Lock) -> None:
+        self._family = family
+        self._lock = lock
+        self._counts = [0.0] * len(family.bounds)
+        self._sum = 0.0
+        # Per bucket, the last (trace id, value, time) observed in it; formatted when scraped.
+        self._exemplars: list[tuple[int, float, float] | None] = [None] * len(family.bounds)
+        self._created = time.time()
+
+    def observe(self, amount: float, trace_id: int | None = None) -> None:
+        """`trace_id`: of the span measured, the bucket's exemplar."""
+        bucket = bisect_left(self._family.bounds, amount)  # the first bound >= amount
+        with self._lock:
+            self._sum += amount
+            if not math.isnan(amount):  # in no bucket, as in prometheus_client
+                self._counts[bucket] += 1
+                if trace_id:
+                    self._exemplars[bucket] = (trace_id, amount, time.time())
+
+    def add_samples(self, metric: Metric, labels: dict[str, str], created: bool) -> None:
+        name = metric.name
+        total = 0.0
+        for le, count, exemplar in zip(
+            self._family.le_labels, self._counts, self._exemplars, strict=True
+        ):
+            total += count
+            metric.add_sample(
+                name + "_bucket",
+                {**labels, "le": le},
+                total,
+                None,
+                None if exemplar is None else _exemplar_of(*exemplar),
+            )
+        metric.add_sample(name + "_count", dict(labels), total)
+        if self._family.bounds[0] >= 0:
+            metric.add_sample(name + "_sum", dict(labels), self._sum)
+        if created:
+            metric.add_sample(name + "_created", dict(labels), self._created)
+
+
+class Counter(_Family[_CounterSeries]):
+    _type = "counter"
+
+    def _new_series(self) -> _CounterSeries:
+        return _CounterSeries(self._lock)
+
+
+class Gauge(_Family[_GaugeSeries]):
+    _type = "gauge"
+
+    def _new_series(self) -> _GaugeSeries:
+        return _GaugeSeries(self._lock)
+
+
+class Histogram(_Family[_HistogramSeries]):
+    _type = "histogram"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: tuple[float, ...],
+    ) -> None:
+        bounds = [float(bound) for bound in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError("Buckets not in sorted order")
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.bounds = tuple(bounds)
+        # prometheus_client's own spelling of a bound (untyped there).
+        self.le_labels = tuple(
+            str(floatToGoString(bound))  # type: ignore[no-untyped-call]
+            for bound in bounds
+        )
+        super().__init__(registry, name, documentation, labelnames)
+
+    def _new_series(self) -> _HistogramSeries:
+        return _HistogramSeries(self, self._lock)
+
+
+def _exemplar_of(trace_id: int, value: float, at: float) -> Exemplar:
+    return Exemplar({"trace_id": trace.format_trace_id(trace_id)}, value, at)
 
 
 class CurrentPhase(Collector):
@@ -207,7 +391,7 @@ class MetricsObserver(Observer):
         finally:
             outcome = scope.ended(failed).value
             elapsed = time.monotonic() - started
-            exemplar = _exemplar()
+            exemplar = _trace_id()
             if phase is Phase.RENDEZVOUS:
                 self._series(self._m.rendezvous_duration, outcome).observe(elapsed, exemplar)
                 if outcome == "ok":
@@ -248,12 +432,12 @@ class MetricsObserver(Observer):
 
     def lease_refresh(self, kind: str, ok: bool, seconds: float, error: str | None = None) -> None:
         self._series(self._m.lease_refreshes, kind, "ok" if ok else "failed").inc()
-        self._series(self._m.lease_refresh_duration, kind).observe(seconds, _exemplar())
+        self._series(self._m.lease_refresh_duration, kind).observe(seconds, _trace_id())
 
     def etcd_request(self, operation: str, result: str, seconds: float) -> None:
         self._series(self._m.etcd_requests, operation, result).inc()
         if operation != "watch":
-            self._series(self._m.etcd_request_duration, operation).observe(seconds, _exemplar())
+            self._series(self._m.etcd_request_duration, operation).observe(seconds, _trace_id())
 
     def lease_restored(self, kind: str, key: str) -> None:
         self._series(self._m.lease_refreshes, kind, "restored").inc()
@@ -266,11 +450,10 @@ class MetricsObserver(Observer):
     def closed_while_training(self, version: int) -> None:
         self._series(self._m.closed_while_training).inc()
 
-    def _series(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(run_id, *labels)`, looked up once: prometheus-client checks the
-        labels on every call, which was most of the metrics' cost in a rendezvous."""
+    def _series(self, metric: _Family[_Series], *labels: str) -> _Series:
+        """`metric.labels(run_id, *labels)`, looked up once: one dict lookup per call after."""
         key = (id(metric), labels)
-        child = self._children.get(key)
+        child: _Series | None = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(self._run_id, *labels)
         return child
@@ -324,8 +507,7 @@ class MetricsServer:
             self._server = None
 
 
-def _exemplar() -> dict[str, str] | None:
+def _trace_id() -> int | None:
+    """The current span's trace id, a histogram's exemplar, or None outside a span."""
     context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return None
-    return {"trace_id": trace.format_trace_id(context.trace_id)}
+    return context.trace_id if context.is_valid else None

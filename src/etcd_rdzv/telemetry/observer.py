@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -177,21 +177,41 @@ class FanOut(Observer):
         self.observers = tuple(observers)
         self.shares_version_context = any(o.shares_version_context for o in self.observers)
         self._reported: set[str] = set()
+        # Per method, the observers that do something on it: an agent's every etcd request
+        # then calls the metrics alone, not three observers of which two do nothing.
+        self._doing = {
+            method: tuple(o for o in self.observers if _overrides(o, method)) for method in _METHODS
+        }
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
-        with ExitStack() as stack:
-            scopes = []
-            for observer in self.observers:
+        # By hand rather than an ExitStack of guarded managers: a few µs less per phase.
+        entered: list[AbstractContextManager[PhaseScope]] = []
+        scopes: list[PhaseScope] = []
+        exc_info: tuple[Any, Any, Any] = (None, None, None)
+        try:
+            for observer in self._doing["phase"]:
                 try:
-                    guarded = _Guarded(observer.phase(phase, **attributes), self._failed)
+                    manager = observer.phase(phase, **attributes)
+                    scope = manager.__enter__()
                 except Exception as error:
                     self._failed("phase", error)
                     continue
-                scope = stack.enter_context(guarded)
+                entered.append(manager)
                 if scope is not None:
                     scopes.append(scope)
             yield _FanOutScope(scopes, self._failed)
+        except BaseException as error:
+            exc_info = (type(error), error, error.__traceback__)
+            raise
+        finally:
+            # Innermost first; the body's own exception always passes on.
+            for left in reversed(entered):
+                try:
+                    left.__exit__(*exc_info)
+                except Exception as error:
+                    if error is not exc_info[1]:
+                        self._failed("phase", error)
 
     def retry(
         self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
@@ -252,7 +272,7 @@ class FanOut(Observer):
 
     def open_version(self, version: int) -> str | None:
         shared = None
-        for observer in self.observers:
+        for observer in self._doing["open_version"]:
             try:
                 shared = observer.open_version(version) or shared
             except Exception as error:
@@ -266,7 +286,7 @@ class FanOut(Observer):
         self._each("close", lambda o: o.close())
 
     def _each(self, method: str, call: Callable[[Observer], None]) -> None:
-        for observer in self.observers:
+        for observer in self._doing[method]:
             try:
                 call(observer)
             except Exception as error:
@@ -278,31 +298,16 @@ class FanOut(Observer):
             log.warning("etcd-rdzv telemetry failed in %s (ignored): %r", method, error)
 
 
-class _Guarded:
-    """A context manager whose own failures are swallowed; the body's exceptions pass."""
+_METHODS = tuple(
+    name for name, value in vars(Observer).items() if not name.startswith("_") and callable(value)
+)
 
-    def __init__(self, inner: Any, failed: Callable[[str, BaseException], None]) -> None:
-        self._inner = inner
-        self._failed = failed
-        self._entered = False
 
-    def __enter__(self) -> PhaseScope | None:
-        try:
-            scope: PhaseScope = self._inner.__enter__()
-        except Exception as error:
-            self._failed("phase", error)
-            return None
-        self._entered = True
-        return scope
-
-    def __exit__(self, *exc_info: Any) -> None:
-        # Returns None: the body's own exception always passes on.
-        if self._entered:
-            try:
-                self._inner.__exit__(*exc_info)
-            except Exception as error:
-                if error is not exc_info[1]:
-                    self._failed("phase", error)
+def _overrides(observer: Observer, method: str) -> bool:
+    """Whether `observer` does anything on `method`: the base class's methods do nothing."""
+    if method in getattr(observer, "__dict__", ()):
+        return True
+    return getattr(type(observer), method) is not getattr(Observer, method)
 
 
 class _FanOutScope(PhaseScope):

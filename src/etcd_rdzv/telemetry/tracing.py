@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
@@ -33,6 +34,11 @@ _NODE_PHASES = frozenset({Phase.RENDEZVOUS, Phase.SETUP})
 
 def span_name(phase: Phase) -> str:
     return SPAN_PREFIX if phase is Phase.RENDEZVOUS else f"{SPAN_PREFIX}.{phase.value}"
+
+
+_SPAN_NAMES = {phase: span_name(phase) for phase in Phase}
+# A rendezvous roots its own trace, whatever the caller's context (contexts are immutable).
+_NO_PARENT = Context()
 
 
 def node_identity() -> str:
@@ -59,31 +65,39 @@ class TracingObserver(Observer):
 
     @contextmanager
     def phase(self, phase: Phase, **attributes: Any) -> Iterator[PhaseScope]:
-        version = attributes.get("version")
-        parent = None
-        if phase not in _NODE_PHASES and version is not None:
-            with self._lock:
-                parent = self._versions.get(version)
-        with self._tracer.start_as_current_span(
-            span_name(phase),
-            context=Context() if phase is Phase.RENDEZVOUS else parent,
+        if phase is Phase.RENDEZVOUS:
+            parent: Context | None = _NO_PARENT
+        else:
+            version = attributes.get("version")
+            parent = None
+            if phase not in _NODE_PHASES and version is not None:
+                with self._lock:
+                    parent = self._versions.get(version)
+        # start_span and attach by hand: what start_as_current_span does with
+        # record_exception and set_status_on_exception off, less two context managers.
+        span = self._tracer.start_span(
+            _SPAN_NAMES[phase],
+            context=parent,
             attributes={**self._common, **_attributes(attributes)},
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
+        )
+        token = context_api.attach(trace.set_span_in_context(span))
+        if phase is Phase.RENDEZVOUS:
+            with self._lock:
+                self._rendezvous_span, self._linked = span, set()
+        scope = _SpanScope(span)
+        try:
+            yield scope
+        except BaseException as error:
+            _end_with(span, scope.ended(failed=True), error)
+            raise
+        finally:
             if phase is Phase.RENDEZVOUS:
                 with self._lock:
-                    self._rendezvous_span, self._linked = span, set()
-            scope = _SpanScope(span)
-            try:
-                yield scope
-            except BaseException as error:
-                _end_with(span, scope.ended(failed=True), error)
-                raise
-            finally:
-                if phase is Phase.RENDEZVOUS:
-                    with self._lock:
-                        self._rendezvous_span = None
+                    self._rendezvous_span = None
+            context_api.detach(token)
+            span.end()
 
     def retry(
         self, phase: Phase | None, reason: str, attempt: int, detail: str | None = None
