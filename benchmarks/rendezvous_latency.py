@@ -13,13 +13,16 @@ and the generated section of docs/benchmarks.md. rounds.py says what is measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,11 +82,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--plot", type=Path, default=ROOT / "docs/benchmarks.png")
     add("--docs", type=Path, default=ROOT / "docs/benchmarks.md")
     add("--no-docs", action="store_true", help="do not update the docs' generated section")
+    add(
+        "--report-from", type=Path, default=None, metavar="JSON",
+        help="measure nothing: judge and report the rounds of an earlier run's JSON again",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report_from is not None:
+        return report_again(args)
     # Each setup says all of its settings: none may come from this shell's environment.
     for name in [name for name in os.environ if name.startswith("ETCD_RDZV_")]:
         print(f"ignoring {name} from the environment")
@@ -142,6 +151,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.update_docs(results, args.docs, args.plot)
     print(f"wrote {args.json} and {args.plot}" + ("" if args.no_docs else f", {args.docs}"))
     return 0
+
+
+def report_again(args: argparse.Namespace) -> int:
+    """The report of an earlier run, from its JSON, with today's summaries and targets: for a
+    change to the report, not to what is measured."""
+    data = json.loads(args.report_from.read_text(encoding="utf-8"))
+    rounds = [_restored(RoundResult, entry) for entry in data["rounds"]]
+    recoveries = [_restored(RecoveryResult, entry) for entry in data["recoveries"]]
+    setups = list(dict.fromkeys(summary["setup"] for summary in data["summaries"]))
+    skipped = {s["setup"]: s["skipped"] for s in data["summaries"] if s.get("skipped")}
+    summaries = summarize(rounds, setups, int(data["settings"]["rounds"]), skipped)
+    costs = telemetry_costs(summaries)
+    results = report.Results(
+        command=data["command"], date=data["date"], minutes=data["minutes"],
+        machine=data["machine"], settings=data["settings"], pool=data["pool"], rounds=rounds,
+        recoveries=recoveries, summaries=summaries, telemetry_costs=costs,
+        targets=judge(summaries, costs),
+    )  # fmt: skip
+    print(report.text(results))
+    report.plot(results, args.plot)
+    if not args.no_docs:
+        report.update_docs(results, args.docs, args.plot)
+    print(f"wrote {args.plot}" + ("" if args.no_docs else f" and {args.docs}"))
+    return 0
+
+
+_Restored = TypeVar("_Restored", RoundResult, RecoveryResult)
+
+
+def _restored(kind: type[_Restored], entry: dict[str, Any]) -> _Restored:
+    """A result as the JSON keeps it; fields it added (derived ones) are left out."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{key: value for key, value in entry.items() if key in names})
 
 
 def now() -> datetime.datetime:
