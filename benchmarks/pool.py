@@ -246,6 +246,9 @@ def collect(
     return answers
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def proportional_set_size(pid: int) -> int:
     """Bytes of memory a process uses, shared pages divided among their sharers; 0 if gone."""
     try:
@@ -271,7 +274,20 @@ def system_memory_used() -> int:
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie has ended: it does not count)."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat_fields(pid)[0] != "Z"
     except OSError:
         return False
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = _stat_fields(pid)
+    # utime and stime: fields 14 and 15 of stat(5), counted from its field 3 here.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from its third field on (after the command name, which may hold spaces
+    and parentheses)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()

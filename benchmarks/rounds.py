@@ -14,7 +14,6 @@ watches, metrics servers), summed over the workers and divided by the nodes.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from benchmarks.pool import (
     WorkerTimeout,
     collect,
     exchange,
+    process_cpu_seconds,
     system_memory_used,
 )
 from benchmarks.worker import Done, Finish, Finished, NodeResult, NodeSpec, Prepare, Ready
@@ -47,7 +47,6 @@ REQUEST_COUNTERS = ("etcd_http_received_total", "grpc_server_started_total")
 # no bytes of its v2 HTTP API.
 SENT_BYTES_COUNTER = "etcd_network_client_grpc_sent_bytes_total"
 REFERENCE = "torch etcd"
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Status = Literal["ok", "timeout", "failed"]
 
@@ -179,13 +178,6 @@ class EtcdServed:
 
     def __sub__(self, earlier: EtcdServed) -> EtcdServed:
         return EtcdServed(self.requests - earlier.requests, self.sent_bytes - earlier.sent_bytes)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
-    # utime and stime: fields 14 and 15 of stat(5), counted after the ")" from field 3.
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def etcd_served(etcd: LocalEtcd) -> EtcdServed:
