@@ -23,11 +23,13 @@ soak: setup
 	$(BIN)/pytest tests/soak -m soak -s $(PYTEST_ARGS)
 
 # The deterministic simulator over as many seeded schedules as asked (make test runs 0-1999
-# and the large ones): SEEDS=17 replays one, SEEDS=0-99999 searches; NODES=1000 fixes the size.
+# and the large ones): SEEDS=17 replays one, SEEDS=0-99999 searches; NODES=1000 fixes the size;
+# RANK_POLICIES=1 draws a rank policy for each claims-layout schedule (make test: seeds 0-999).
 SEEDS ?= 0-1999
 NODES ?=
+RANK_POLICIES ?=
 simulate: setup
-	$(BIN)/python -m tests.simulation $(SEEDS) $(if $(NODES),--nodes $(NODES))
+	$(BIN)/python -m tests.simulation $(SEEDS) $(if $(NODES),--nodes $(NODES)) $(if $(RANK_POLICIES),--rank-policies)
 
 # Rendezvous latency, etcd requests and CPU against torch's backends, N = 2 to 256 (about 20
 # minutes on 2 cores): prints the tables, writes runs/bench/results.json, docs/benchmarks.png and the

@@ -1,11 +1,13 @@
 """Rendezvous latency, etcd requests, CPU and recovery: etcd-rdzv against torch's backends.
 
 One local etcd (3.4, v2 enabled) serves every setup: torch's `etcd`, `etcd-v2` and `c10d`
-backends, and etcd-rdzv over v3 and v2 with telemetry off and on. For each N, rounds of N
-nodes released together; setups alternate round by round (in a rotating order), so drift in
-the machine hits them all alike. Then recovery: a node SIGKILLed after a rendezvous, and the
-time until the survivors completed the next one. Prints a table per N; writes JSON, a plot
-and the generated section of docs/benchmarks.md. rounds.py says what is measured and how.
+backends, and etcd-rdzv over v3 and v2 with telemetry off and on; and, at N = 64 by default,
+etcd-rdzv over v3 with rank_policy=stable, its cost against join order, in a fresh run and in a
+re-rendezvous of the same nodes. For each N, rounds of N nodes released together; setups
+alternate round by round (in a rotating order), so drift in the machine hits them all alike.
+Then recovery: a node SIGKILLed after a rendezvous, and the time until the survivors completed
+the next one. Prints a table per N; writes JSON, a plot and the generated section of
+docs/benchmarks.md. rounds.py says what is measured and how.
 
     .venv/bin/python benchmarks/rendezvous_latency.py --nodes 2 8 --rounds 1
 """
@@ -35,10 +37,18 @@ from benchmarks.rounds import (  # noqa: E402
     RoundResult,
     Setup,
     all_setups,
+    rank_policy_keys,
+    rank_policy_pairs,
     run_recovery,
     run_round,
 )
-from benchmarks.summary import judge, summarize, telemetry_costs  # noqa: E402
+from benchmarks.summary import (  # noqa: E402
+    judge,
+    rank_policy_costs,
+    summarize,
+    summarize_again,
+    telemetry_costs,
+)
 from etcd_rdzv_devtools.local_etcd import start_local_etcd  # noqa: E402
 
 DEFAULT_NODES = (2, 8, 32, 64, 128, 256, 512, 1024)
@@ -46,6 +56,10 @@ DEFAULT_NODES = (2, 8, 32, 64, 128, 256, 512, 1024)
 # and our v2 transport is not what a thousand nodes should use (issue 16 asks N = 1,024 of v3).
 ALL_SETUPS_UP_TO = 256
 LARGE_SETUPS = ("v3-off", "v3-on")
+# The rank-policy setups (v3-stable) run at these N only, beside the setup they differ from by
+# the policy alone (v3-off): the cost of the policy, at the size the issue asks about. There,
+# the rounds of both go on with a re-rendezvous of the same nodes, measured too.
+RANK_POLICY_NODES = (64,)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,6 +74,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     add("--large-setups", nargs="+", choices=setups, default=list(LARGE_SETUPS))
     add("--setups", nargs="+", choices=setups, default=setups, help="all by default")
+    add(
+        "--rank-policy-nodes", type=int, nargs="*", default=list(RANK_POLICY_NODES),
+        help="the N (of --nodes) at which the rank-policy setups (v3-stable) run, and no other; "
+        "there, they and their baselines (v3-off) measure a re-rendezvous too",
+    )  # fmt: skip
     add("--recovery-nodes", type=int, default=8, help="N for the recovery rounds; 0: none")
     add("--recovery-setups", nargs="+", choices=setups, default=None, help="default: --setups")
     add("--recovery-rounds", type=int, default=1)
@@ -129,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_pids": sorted(pool.server_pids),
         "workers_left_running": leftover,
     }
-    summaries = summarize(rounds, [s.name for s in setups], args.rounds, skipped)
+    setups_run = [s.name for s in setups]
+    summaries = summarize(rounds, setups_run, args.rounds, skipped)
     costs = telemetry_costs(summaries)
     results = report.Results(
         command=command,
@@ -142,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         recoveries=recoveries,
         summaries=summaries,
         telemetry_costs=costs,
+        rank_policy_costs=rank_policy_costs(
+            summaries, summarize_again(rounds, setups_run), rank_policy_pairs(setups)
+        ),
         targets=judge(summaries, costs),
     )
     print(report.text(results))
@@ -167,6 +190,9 @@ def report_again(args: argparse.Namespace) -> int:
         command=data["command"], date=data["date"], minutes=data["minutes"],
         machine=data["machine"], settings=data["settings"], pool=data["pool"], rounds=rounds,
         recoveries=recoveries, summaries=summaries, telemetry_costs=costs,
+        rank_policy_costs=rank_policy_costs(
+            summaries, summarize_again(rounds, setups), rank_policy_pairs(all_setups())
+        ),
         targets=judge(summaries, costs),
     )  # fmt: skip
     print(report.text(results))
@@ -196,26 +222,37 @@ def workers_for(nodes: int, args: argparse.Namespace) -> tuple[int, int]:
     return -(-nodes // per_worker), per_worker
 
 
+def runs_at(setup: Setup, nodes: int, args: argparse.Namespace) -> bool:
+    """Whether `setup` has rounds at N: a rank-policy setup at --rank-policy-nodes only; the
+    others at every N up to --all-setups-up-to, and the large setups above it too."""
+    if setup.policy_baseline is not None:
+        return nodes in args.rank_policy_nodes
+    return nodes <= args.all_setups_up_to or setup.key in args.large_setups
+
+
 def measure_rounds(
     plan: Plan, setups: list[Setup], all_nodes: list[int], args: argparse.Namespace
 ) -> tuple[list[RoundResult], dict[str, str]]:
     """Every round; and the setups skipped by the slow cap, with the reason, by setup name."""
     rounds: list[RoundResult] = []
     skipped: dict[str, str] = {}
+    paired = rank_policy_keys(setups)
     for nodes in all_nodes:
         _, per_worker = workers_for(nodes, args)
-        chosen = setups
-        if nodes > args.all_setups_up_to:
-            chosen = [setup for setup in setups if setup.key in args.large_setups]
+        chosen = [setup for setup in setups if runs_at(setup, nodes, args)]
         for round_index in range(args.rounds):
             # A rotating order, so that no setup always follows the same one.
             shift = round_index % max(1, len(chosen))
             for setup in chosen[shift:] + chosen[:shift]:
                 if setup.name in skipped:
                     continue
-                result = run_round(plan, setup, nodes, round_index, per_worker)
-                rounds.append(result)
-                print(report.progress_line(result), flush=True)
+                again = setup.key in paired and nodes in args.rank_policy_nodes
+                result, *second = run_round(
+                    plan, setup, nodes, round_index, per_worker, again=again
+                )
+                for measured in (result, *second):
+                    rounds.append(measured)
+                    print(report.progress_line(measured), flush=True)
                 slow = result.status == "timeout" or (
                     result.wall_seconds is not None and result.wall_seconds > args.slow_cap_seconds
                 )

@@ -7,14 +7,14 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from benchmarks.rounds import REFERENCE, RecoveryResult, RoundResult
-from benchmarks.summary import Summary, Target, TelemetryCost
+from benchmarks.summary import RankPolicyCost, Summary, Target, TelemetryCost
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 _GIB = 1024**3
@@ -35,6 +35,7 @@ class Results:
     recoveries: list[RecoveryResult]
     summaries: list[Summary]
     telemetry_costs: list[TelemetryCost]
+    rank_policy_costs: list[RankPolicyCost]
     targets: list[Target]
 
     @property
@@ -76,7 +77,8 @@ def machine() -> dict[str, str]:
 
 
 def progress_line(result: RoundResult) -> str:
-    head = f"N={result.nodes:<4} round {result.round + 1}  {result.setup:30}"
+    what = result.setup + (", re-rendezvous" if result.re_rendezvous else "")
+    head = f"N={result.nodes:<4} round {result.round + 1}  {what:50}"
     if result.status != "ok":
         return f"{head} {result.status.upper()}: {(result.error or '').splitlines()[0]}"
     requests = "" if result.requests is None else f", {result.requests} etcd requests"
@@ -98,6 +100,56 @@ def _milliseconds(value: float | None) -> str:
     return "" if value is None else f"{1e3 * value:+.1f} ms"
 
 
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:+.1%}"
+
+
+def _difference(cost: RankPolicyCost, value: Callable[[Summary], float | None]) -> float | None:
+    mine, theirs = value(cost.policy), value(cost.baseline)
+    return None if mine is None or theirs is None else mine - theirs
+
+
+_POLICY_COLUMNS = ("N", "rendezvous", "setup", "rank_policy", "median", "min", "max",
+                   "CPU ms/node", "etcd requests/node", "requests, rendezvous only",
+                   "etcd bytes sent/node", "bytes, rendezvous only",
+                   "etcd CPU ms/node")  # fmt: skip
+
+
+def _policy_rows(costs: Sequence[RankPolicyCost]) -> list[tuple[str, ...]]:
+    """Per N, fresh run and re-rendezvous: the baseline, the policy, and the policy minus the
+    baseline."""
+
+    def ms(value: float | None) -> str:
+        return "" if value is None else f"{1e3 * value:.1f}"
+
+    def signed(value: float | None, shown: Callable[[float | None], str]) -> str:
+        text = shown(value)
+        return text if value is None or value < 0 or not text else f"+{text}"
+
+    rows: list[tuple[str, ...]] = []
+    for c in costs:
+        for s, policy in ((c.baseline, "join_order"), (c.policy, c.rank_policy)):
+            rows.append((
+                str(c.nodes), c.rendezvous, s.setup, policy, _seconds(s.median_seconds),
+                _seconds(s.min_seconds), _seconds(s.max_seconds), ms(s.cpu_seconds_per_node),
+                _number(s.requests_per_node), _number(s.rendezvous_requests_per_node),
+                _bytes(s.sent_bytes_per_node), _bytes(s.rendezvous_sent_bytes_per_node),
+                ms(s.etcd_cpu_seconds_per_node),
+            ))  # fmt: skip
+        rows.append((
+            str(c.nodes), c.rendezvous, "difference", f"{c.rank_policy} - join_order",
+            f"{signed(_difference(c, lambda x: x.median_seconds), _seconds)} "
+            f"({_percent(c.cost)})", "", "",
+            signed(_difference(c, lambda x: x.cpu_seconds_per_node), ms),
+            signed(_difference(c, lambda x: x.requests_per_node), _number),
+            signed(_difference(c, lambda x: x.rendezvous_requests_per_node), _number),
+            signed(_difference(c, lambda x: x.sent_bytes_per_node), _bytes),
+            signed(_difference(c, lambda x: x.rendezvous_sent_bytes_per_node), _bytes),
+            signed(_difference(c, lambda x: x.etcd_cpu_seconds_per_node), ms),
+        ))  # fmt: skip
+    return rows
+
+
 def _cpu(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
@@ -109,7 +161,7 @@ def _number(value: float | None) -> str:
 def _bytes(value: float | None) -> str:
     if value is None:
         return ""
-    return f"{value / 1024:,.1f} KiB" if value >= 1024 else f"{value:,.0f} B"
+    return f"{value / 1024:,.1f} KiB" if abs(value) >= 1024 else f"{value:,.0f} B"
 
 
 def _ratio(summary: Summary) -> str:
@@ -207,6 +259,9 @@ def text(results: Results) -> str:
         f"{_milliseconds(c.cpu_seconds_per_node)}"
         for c in results.telemetry_costs
     ]
+    if results.rank_policy_costs:
+        lines.append("\nRank policies, against join order in the same run (medians):")
+        lines.append(_aligned([_POLICY_COLUMNS, *_policy_rows(results.rank_policy_costs)]))
     lines.append("\nTargets:")
     lines += [f"  [{_verdict(t)}] {t.name}: {t.detail}" for t in results.targets]
     return "\n".join(lines)
@@ -302,6 +357,7 @@ def docs_section(results: Results, plot_path: Path, docs_path: Path) -> str:
         f"over {settings['slow_cap_seconds']:g} s runs no further rounds at that N or above.",
         f"Above N = {settings['all_setups_up_to']} only the setups "
         f"{', '.join(settings['large_setups'])} run (etcd-rdzv over v3, telemetry off and on).",
+        *_rank_policy_note(settings),
         "- etcd requests are etcd's own counts (`etcd_http_received_total` for v2, "
         "`grpc_server_started_total` for v3) from handler creation to the last return; "
         '"rendezvous only" counts from the release. torch `c10d` keeps its state in a '
@@ -348,11 +404,37 @@ def docs_section(results: Results, plot_path: Path, docs_path: Path) -> str:
           f"{c.cost:+.1%}", _milliseconds(c.cpu_seconds_per_node))
          for c in results.telemetry_costs],
     ))  # fmt: skip
+    if results.rank_policy_costs:
+        parts += [
+            "", "### Rank policies", "",
+            "The same rounds: each rank-policy setup against the setup it differs from by its "
+            "policy alone, in the rounds' fresh run and in their re-rendezvous; medians over "
+            'the rounds, each third row the difference. A re-rendezvous creates no handler: '
+            'its "etcd requests/node" and "etcd bytes sent/node" are its rendezvous only.',
+            "", _markdown(_POLICY_COLUMNS, _policy_rows(results.rank_policy_costs)),
+        ]  # fmt: skip
     parts += ["", "### Targets (judged on etcd-rdzv v3, telemetry off and on)", ""]
     parts += [f"- **{_verdict(t)}**: {t.name}. {t.detail}" for t in results.targets]
     image = Path(os.path.relpath(plot_path.absolute(), docs_path.absolute().parent))
     parts += ["", f"![Median rendezvous latency against N, log-log]({image.as_posix()})", END]
     return "\n".join(parts)
+
+
+def _rank_policy_note(settings: dict[str, Any]) -> list[str]:
+    """How the rank-policy setups run; nothing for a run from before they existed."""
+    if "rank_policy_nodes" not in settings:
+        return []
+    at = ", ".join(str(n) for n in settings["rank_policy_nodes"] or []) or "no N"
+    return [
+        "- Each etcd-rdzv node has its own `node_id=node<i>` (all share this machine's host "
+        "name, the default node id). The rank-policy setup (`v3-stable`: v3, telemetry off, "
+        f"`rank_policy=stable`) runs at N = {at} only, against v3 telemetry off (join order, "
+        "the default) in the same rounds. Every round is a fresh run: its freezing node finds "
+        "no rank memory yet. There, the rounds of both go on with a re-rendezvous: once all "
+        "nodes returned, the same handlers are released together again and every node calls "
+        "`next_rendezvous()` a second time (as after a failure), measured alike from that "
+        "release; the freezer then finds the first version's ranks."
+    ]
 
 
 def update_docs(results: Results, docs_path: Path, plot_path: Path) -> None:

@@ -10,6 +10,11 @@ Requests are etcd's own counts from its /metrics: handler creation (prepare to r
 rendezvous (go to the last return), separately. CPU per node is the process CPU time of each
 worker from its go to its last node's return (all its threads: the calling one, keep-alives,
 watches, metrics servers), summed over the workers and divided by the nodes.
+
+A round may go on with a re-rendezvous (`again`): once all nodes returned, the same handlers
+are released together again and every node calls `next_rendezvous()` a second time, as all
+agents of a job do after a failure. It is measured alike, from its own release, into a
+result of its own (`re_rendezvous`); it creates no handler, so its creation counts are 0.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class Setup:
     conf: Mapping[str, str] = field(default_factory=dict)
     uses_etcd: bool = True  # c10d keeps its state in a TCPStore of its own
     traced: bool = False  # telemetry on: each node writes its own trace file
+    # The key of the setup this one differs from by its rank policy alone (None: join order,
+    # the default). Such a setup runs only at --rank-policy-nodes.
+    policy_baseline: str | None = None
 
     def node_confs(self, nodes: int, run_id: str, trace_dir: Path) -> list[dict[str, str]]:
         confs = []
@@ -67,6 +75,10 @@ class Setup:
             if self.backend == "c10d":
                 # Exactly one node hosts the TCPStore: node 0 (never the one a recovery kills).
                 conf["is_host"] = "true" if index == 0 else "false"
+            if self.backend == "etcd-rdzv":
+                # All nodes share this machine's host name, the default node id: each gets an
+                # id of its own, as nodes on hosts of their own have (rank policies rank by id).
+                conf["node_id"] = f"node{index}"
             if self.traced:
                 conf["trace_file"] = str(trace_dir / f"{run_id}-node{index}.jsonl")
             confs.append(conf)
@@ -74,7 +86,8 @@ class Setup:
 
 
 def all_setups() -> list[Setup]:
-    """torch's three backends and etcd-rdzv over both APIs, telemetry off and on."""
+    """torch's three backends and etcd-rdzv over both APIs, telemetry off and on; and
+    etcd-rdzv over v3 with telemetry off and rank_policy=stable, against v3-off (join order)."""
     ours = [
         Setup(
             f"{api}-{state}",
@@ -86,11 +99,36 @@ def all_setups() -> list[Setup]:
         for api in ("v3", "v2")
         for state in ("off", "on")
     ]
+    # Rank policies other than join order exist over v3 only (the claims layout).
+    stable = Setup(
+        "v3-stable",
+        "etcd-rdzv v3, telemetry off, stable",
+        "etcd-rdzv",
+        {"etcd_api": "v3", **TELEMETRY_OFF, "rank_policy": "stable"},
+        policy_baseline="v3-off",
+    )
     return [
         Setup("torch-etcd", REFERENCE, "etcd"),
         Setup("torch-etcd-v2", "torch etcd-v2", "etcd-v2"),
         Setup("torch-c10d", "torch c10d", "c10d", uses_etcd=False),
         *ours,
+        stable,
+    ]
+
+
+def rank_policy_keys(setups: Sequence[Setup]) -> set[str]:
+    """The keys of the rank-policy setups in `setups` and of their baselines."""
+    policies = [s for s in setups if s.policy_baseline is not None]
+    return {s.key for s in policies} | {s.policy_baseline for s in policies if s.policy_baseline}
+
+
+def rank_policy_pairs(setups: Sequence[Setup]) -> list[tuple[str, str, str]]:
+    """(name, its baseline's name, its rank policy) of each rank-policy setup in `setups`."""
+    names = {setup.key: setup.name for setup in all_setups()}
+    return [
+        (s.name, names[s.policy_baseline], s.conf["rank_policy"])
+        for s in setups
+        if s.policy_baseline is not None
     ]
 
 
@@ -149,6 +187,8 @@ class RoundResult(Outcome):
     # Memory once every handler had rendezvoused: the pool's PSS and the machine's use.
     pool_memory_bytes: int | None = None
     system_memory_bytes: int | None = None
+    # The round's second rendezvous of the same handlers (see the module's doc), not its first.
+    re_rendezvous: bool = False
 
     @property
     def requests(self) -> int | None:
@@ -192,40 +232,73 @@ def etcd_served(etcd: LocalEtcd) -> EtcdServed:
 
 
 def run_round(
-    plan: Plan, setup: Setup, nodes: int, round_index: int, per_worker: int
-) -> RoundResult:
-    """One rendezvous of `nodes` nodes, `per_worker` of them (threads) in each worker."""
+    plan: Plan, setup: Setup, nodes: int, round_index: int, per_worker: int, *, again: bool = False
+) -> list[RoundResult]:
+    """One rendezvous of `nodes` nodes, `per_worker` of them (threads) in each worker; and with
+    `again`, the same nodes' re-rendezvous: its result follows the first's."""
     started = time.monotonic()
     count = -(-nodes // per_worker)
     result = RoundResult(setup.name, nodes, round_index, workers=count)
     result.nodes_per_worker = per_worker
-
-    def served() -> EtcdServed:
-        return etcd_served(plan.etcd) if setup.uses_etcd else EtcdServed()
-
     workers: list[Worker] = []
     try:
         workers = plan.pool.take(count)
         prepared = _prepare(plan, setup, workers, nodes, min_nodes=nodes)
-        before = served()
+        before = _served(plan, setup)
         creating = time.monotonic()
         _create(plan, workers, prepared)
         result.create_seconds = time.monotonic() - creating
-        created = served()
-        etcd_pid = plan.etcd.pid if setup.uses_etcd else None
-        etcd_cpu = None if etcd_pid is None else process_cpu_seconds(etcd_pid)
-        go = plan.pool.go(workers, plan.ready_timeout)
-        done = collect(workers, Done, go + plan.round_timeout)
-        if etcd_pid is not None and etcd_cpu is not None:
-            result.etcd_cpu_seconds = process_cpu_seconds(etcd_pid) - etcd_cpu
-        finished = served()
+        created = _served(plan, setup)
+        creation = created - before
+        _rendezvous(plan, setup, workers, result, created)
     except WorkerError as exc:
-        return _abandon(plan.pool, workers, result, exc)
+        return [_abandon(plan.pool, workers, result, exc)]
     if setup.uses_etcd:
-        creation, rendezvous = created - before, finished - created
-        result.requests_create, result.requests_rendezvous = creation.requests, rendezvous.requests
+        result.requests_create = creation.requests
         if setup.conf.get("etcd_api") == "v3":
             result.sent_bytes_create = creation.sent_bytes
+    results = [result]
+    if again and result.status == "ok":
+        second = RoundResult(setup.name, nodes, round_index, workers=count, re_rendezvous=True)
+        second.nodes_per_worker = per_worker
+        if setup.uses_etcd:
+            second.requests_create = 0
+            if setup.conf.get("etcd_api") == "v3":
+                second.sent_bytes_create = 0
+        results.append(second)
+        try:
+            _rendezvous(plan, setup, workers, second, _served(plan, setup))
+        except WorkerError as exc:
+            _abandon(plan.pool, workers, second, exc)
+            result.round_seconds = time.monotonic() - started
+            return results
+    result.pool_memory_bytes = plan.pool.memory()
+    result.system_memory_bytes = system_memory_used()
+    result.threads_left = _finish(plan, workers)
+    result.round_seconds = time.monotonic() - started
+    return results
+
+
+def _served(plan: Plan, setup: Setup) -> EtcdServed:
+    return etcd_served(plan.etcd) if setup.uses_etcd else EtcdServed()
+
+
+def _rendezvous(
+    plan: Plan, setup: Setup, workers: Sequence[Worker], result: RoundResult, before: EtcdServed
+) -> None:
+    """Release every worker's nodes together and measure until the last returns, into
+    `result`: times, CPU, etcd's requests and bytes since `before` (etcd's counts just before)
+    and its CPU over that span, and the membership."""
+    etcd_pid = plan.etcd.pid if setup.uses_etcd else None
+    etcd_cpu = None if etcd_pid is None else process_cpu_seconds(etcd_pid)
+    go = plan.pool.go(workers, plan.ready_timeout)
+    done = collect(workers, Done, go + plan.round_timeout)
+    if etcd_pid is not None and etcd_cpu is not None:
+        result.etcd_cpu_seconds = process_cpu_seconds(etcd_pid) - etcd_cpu
+    if setup.uses_etcd:
+        rendezvous = _served(plan, setup) - before
+        result.requests_rendezvous = rendezvous.requests
+        if setup.conf.get("etcd_api") == "v3":
             result.sent_bytes_rendezvous = rendezvous.sent_bytes
     results = [node for answer in done.values() for node in answer.nodes]
     returns = sorted(node.returned_at - go for node in results)
@@ -234,13 +307,8 @@ def run_round(
     result.node_seconds = returns
     result.last_woken_seconds = max(woken)
     result.thread_cpu_seconds = sorted(node.thread_cpu_seconds for node in results)
-    result.cpu_seconds_per_node = sum(a.process_cpu_seconds for a in done.values()) / nodes
+    result.cpu_seconds_per_node = sum(a.process_cpu_seconds for a in done.values()) / result.nodes
     _check(result, results)
-    result.pool_memory_bytes = plan.pool.memory()
-    result.system_memory_bytes = system_memory_used()
-    result.threads_left = _finish(plan, workers)
-    result.round_seconds = time.monotonic() - started
-    return result
 
 
 def run_recovery(plan: Plan, setup: Setup, nodes: int, round_index: int) -> RecoveryResult:

@@ -1,5 +1,5 @@
-"""Rounds summed up per setup and N, the cost of telemetry, and the targets (issues 8 and 16)
-judged."""
+"""Rounds summed up per setup and N, the cost of telemetry and of rank policies, and the
+targets (issues 8 and 16) judged."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from benchmarks.rounds import REFERENCE, RoundResult
 # The setups the targets are judged on: etcd-rdzv's default transport, telemetry off and on.
 JUDGED = ("etcd-rdzv v3, telemetry off", "etcd-rdzv v3, telemetry on")
 TRANSPORTS = ("v3", "v2")
+FRESH, AGAIN = "fresh run", "re-rendezvous"
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Summary:
     requests_per_node: float | None = None
     rendezvous_requests_per_node: float | None = None  # go to the last return only
     sent_bytes_per_node: float | None = None  # bytes etcd sent, creation and rendezvous (v3)
+    rendezvous_sent_bytes_per_node: float | None = None  # go to the last return only
     etcd_cpu_seconds_per_node: float | None = None  # etcd's CPU, release to the last return
     speedup: float | None = None  # torch etcd's median / this median
 
@@ -49,6 +51,26 @@ class TelemetryCost:
 
 
 @dataclass(frozen=True)
+class RankPolicyCost:
+    """A setup with a rank policy against the one that differs by its policy alone (join
+    order), at one N: both summaries, medians over their rounds of the same run."""
+
+    nodes: int
+    rank_policy: str  # the policy setup's; the baseline's is join order
+    baseline: Summary
+    policy: Summary
+    # What was measured: the rounds' rendezvous of a fresh run ("fresh run"), or the same
+    # nodes' second one in that run ("re-rendezvous"), where the freezer finds rank memory.
+    rendezvous: str = FRESH
+
+    @property
+    def cost(self) -> float | None:
+        """(policy - baseline) / baseline on the median latencies."""
+        base, mine = self.baseline.median_seconds, self.policy.median_seconds
+        return None if not base or mine is None else (mine - base) / base
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     met: bool | None  # None: not measured in this run
@@ -60,7 +82,10 @@ def summarize(
     setups: Sequence[str],
     rounds_asked: int,
     skipped: Mapping[str, str],
+    re_rendezvous: bool = False,
 ) -> list[Summary]:
+    """Per N and setup, the rounds' first rendezvous (or with `re_rendezvous`, their second)."""
+    rounds = [r for r in rounds if r.re_rendezvous == re_rendezvous]
     summaries = []
     for nodes in sorted({r.nodes for r in rounds}):
         for setup in setups:
@@ -80,6 +105,11 @@ def summarize(
         if reference and reference.median_seconds and summary.median_seconds:
             summary.speedup = reference.median_seconds / summary.median_seconds
     return summaries
+
+
+def summarize_again(rounds: Sequence[RoundResult], setups: Sequence[str]) -> list[Summary]:
+    """The rounds' re-rendezvous, summed up as `summarize` sums up their first."""
+    return summarize(rounds, setups, 0, {}, re_rendezvous=True)
 
 
 def _median(values: Iterable[float | int | None]) -> float | None:
@@ -102,6 +132,8 @@ def _fill(summary: Summary, ok: list[RoundResult]) -> None:
     summary.etcd_cpu_seconds_per_node = None if etcd_cpu is None else etcd_cpu / summary.nodes
     sent = _median(r.sent_bytes for r in ok)
     summary.sent_bytes_per_node = None if sent is None else sent / summary.nodes
+    sent = _median(r.sent_bytes_rendezvous for r in ok)
+    summary.rendezvous_sent_bytes_per_node = None if sent is None else sent / summary.nodes
 
 
 def find(summaries: Iterable[Summary], setup: str, nodes: int) -> Summary | None:
@@ -124,6 +156,23 @@ def telemetry_costs(summaries: Sequence[Summary]) -> list[TelemetryCost]:
                 costs.append(
                     TelemetryCost(api, nodes, off.median_seconds, on.median_seconds, cost, cpu)
                 )
+    return costs
+
+
+def rank_policy_costs(
+    summaries: Sequence[Summary],
+    again: Sequence[Summary],
+    pairs: Sequence[tuple[str, str, str]],
+) -> list[RankPolicyCost]:
+    """Each (policy setup, baseline setup, policy) at every N where both completed a round:
+    their fresh run (`summaries`), then their re-rendezvous (`again`) where both measured one."""
+    costs = []
+    for nodes in sorted({s.nodes for s in summaries}):
+        for setup, baseline, policy in pairs:
+            for rendezvous, chosen in ((FRESH, summaries), (AGAIN, again)):
+                mine, theirs = find(chosen, setup, nodes), find(chosen, baseline, nodes)
+                if mine and theirs and mine.median_seconds and theirs.median_seconds:
+                    costs.append(RankPolicyCost(nodes, policy, theirs, mine, rendezvous))
     return costs
 
 

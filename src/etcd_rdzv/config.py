@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from etcd_rdzv.errors import ConfigurationError
+from etcd_rdzv.rank_policy import RankPolicy, default_node_id, env_rank
 
 if TYPE_CHECKING:
     # Only its attributes are read: `etcd-rdzv status` builds a config without loading torch.
@@ -221,9 +223,25 @@ class RendezvousConfig:
     ttls: ProtocolTtls = field(default_factory=ProtocolTtls)
     local_addr: str | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    rank_policy: RankPolicy = field(default_factory=RankPolicy)
+    # Who this node is across restarts of its agent (`rank_policy.default_node_id` unless the
+    # platform names it); None: the host name.
+    node_id: str | None = None
+    env_rank: int | None = None  # this node's rank under rank_policy=from_env
 
     def __post_init__(self) -> None:
         _check_run_id(self.run_id)
+        if self.rank_policy.decided_at_freeze and self.etcd_api == "v2":
+            raise ConfigurationError(
+                f"{self.rank_policy.describe()} needs etcd_api=v3: over v2 the rendezvous "
+                "keeps torch's key layout, where a rank is the join order (torch's own nodes "
+                "may take part). Use etcd_api=v3, or rank_policy=join_order without rank0_node."
+            )
+        if self.rank_policy.kind == "from_env" and self.env_rank is None:
+            raise ConfigurationError(
+                f"rank_policy=from_env={self.rank_policy.env_var}: this node has no rank in "
+                f"{self.rank_policy.env_var}."
+            )
         if not self.endpoints:
             raise ConfigurationError("No etcd endpoint given: pass --rdzv-endpoint HOST:PORT.")
         if self.min_nodes < 1:
@@ -265,6 +283,10 @@ class RendezvousConfig:
         ttls = ProtocolTtls.from_keep_alive(
             _seconds(conf, "keep_alive_ttl", ProtocolTtls.keep_alive)
         )
+        rank_policy = RankPolicy.parse(conf.get("rank_policy"), conf.get("rank0_node"))
+        node_id = str(conf.get("node_id") or "").strip() or default_node_id(
+            socket.gethostname(), params.local_addr, environ
+        )
         return cls(
             run_id=str(params.run_id),
             endpoints=parse_endpoints(params.endpoint),
@@ -283,13 +305,17 @@ class RendezvousConfig:
             ttls=ttls,
             local_addr=params.local_addr,
             telemetry=TelemetryConfig.from_settings(conf, environ),
+            rank_policy=rank_policy,
+            node_id=node_id,
+            env_rank=env_rank(rank_policy, environ),
         )
 
 
 KNOWN_KEYS = frozenset(
     {"timeout", "last_call_timeout", "etcd_prefix", "protocol", "cacert", "cert", "key",
      "keep_alive_ttl", "request_timeout", "metrics_port", "metrics_addr", "trace_file",
-     "log_format", "log_level", "progress_interval", "etcd_api", "username", "password_file"}
+     "log_format", "log_level", "progress_interval", "etcd_api", "username", "password_file",
+     "rank_policy", "rank0_node", "node_id"}
 )  # fmt: skip
 
 

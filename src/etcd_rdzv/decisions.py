@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from etcd_rdzv import protocol
+from etcd_rdzv import protocol, rank_policy
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
 
 
@@ -57,7 +57,10 @@ class StartOver:
 
 @dataclass(frozen=True)
 class Misfit:
-    message: str
+    message: str  # what does not fit, and what to do about it
+
+
+_SAME_NODES = ": every node of a run must use the same --nnodes MIN:MAX."
 
 
 DONE = Done()
@@ -124,7 +127,7 @@ def join_by_swap(
     if state.world_size >= max_nodes:
         return Misfit(
             f"version {version} is joinable with {state.world_size} participants, as many as "
-            f"this node's max_nodes {max_nodes} or more"
+            f"this node's max_nodes {max_nodes} or more{_SAME_NODES}"
         )
     return protocol.join(state, min_nodes, max_nodes, now=now)
 
@@ -176,29 +179,58 @@ def confirm_by_swap(
 
 
 def may_claim(
-    state: RendezvousState, version: int, nodes: tuple[int, int]
+    state: RendezvousState,
+    version: int,
+    nodes: tuple[int, int],
+    rank_policy: str = "join_order",
+    env_rank: int | None = None,
 ) -> Done | StartOver | Misfit:
-    """Whether this node may claim a place in `version`: joinable, and opened for its size."""
+    """Whether this node may claim a place in `version`: joinable, and opened for its size
+    and its rank policy (`RankPolicy.spec`). A rank from the environment that no version
+    can have fails this node alone, before its claim could fail everyone's version."""
     if not state.is_version(Status.JOINABLE, version):
         return StartOver("state_moved_on", f"version {version} is not joinable")
     declared = protocol.declared_nodes(state)
     if declared is not None and declared != nodes:
         return Misfit(
             f"version {version} was opened with --nnodes {declared[0]}:{declared[1]} and this "
-            f"node has min_nodes {nodes[0]}, max_nodes {nodes[1]}"
+            f"node has min_nodes {nodes[0]}, max_nodes {nodes[1]}{_SAME_NODES}"
+        )
+    run_policy = protocol.declared_rank_policy(state)
+    if run_policy != rank_policy:
+        return Misfit(
+            f"version {version} was opened with rank_policy={_shown(run_policy)} and this node "
+            f"has rank_policy={_shown(rank_policy)}: every node of a run must use the same "
+            "rank_policy (and rank0_node)."
+        )
+    if env_rank is not None and env_rank >= nodes[1]:
+        variable = rank_policy.partition("=")[2].partition(";")[0] or "the environment"
+        return Misfit(
+            f"this node's rank from {variable}, {env_rank}, is not below max_nodes "
+            f"{nodes[1]}: each node needs its own rank, from 0 to the number of nodes minus one."
         )
     return DONE
 
 
+def _shown(spec: str) -> str:
+    return spec.replace(";", " with ")
+
+
 def freeze_claims(
-    state: RendezvousState, version: int, world_size: int, wall: float
+    state: RendezvousState,
+    version: int,
+    world_size: int,
+    wall: float,
+    ranks: rank_policy.Assignment | rank_policy.Conflict | None = None,
 ) -> Done | Write | StartOver:
-    """Freeze `version` with its first `world_size` claims as participants."""
+    """Freeze `version` with its first `world_size` claims as participants, ranked by
+    `ranks` when a policy other than join order decided them."""
     if state.is_version(Status.FROZEN, version):
         return DONE
     if not state.is_version(Status.JOINABLE, version):
         return StartOver("state_moved_on", f"version {version} changed")
-    return Write(protocol.freeze(state, now=wall, world_size=world_size), Lifetime.FROZEN)
+    frozen = protocol.freeze(state, now=wall, world_size=world_size, ranks=ranks)
+    return Write(frozen, Lifetime.FROZEN)
 
 
 def last_call_counted(claims: int, max_nodes: int) -> int:
@@ -219,12 +251,29 @@ def abandoned_after(
     return last_call + joinable_ttl if rank >= min_nodes else None
 
 
-def in_frozen_version(rank: int, state: RendezvousState) -> Done | StartOver:
-    """Whether a claimed rank made it into the frozen version (a claim landing after the
-    holder counted the claims did not: its node waits for the next version)."""
-    if rank < state.world_size:
+def in_frozen_version(place: int, state: RendezvousState) -> Done | StartOver:
+    """Whether a claim (at `place`, from 0) made it into the frozen version (a claim landing
+    after the holder counted the claims did not: its node waits for the next version)."""
+    if place < state.world_size:
         return DONE
     return StartOver("version_full", f"version {state.version} froze first")
+
+
+def rank_in_frozen(place: int, state: RendezvousState) -> int | Misfit:
+    """The rank of the claim at `place` in frozen `state`: its place under join order, else
+    what the freezing node decided (a `Conflict` it recorded fails every node alike)."""
+    decided = protocol.decided_ranks(state)
+    if decided is None:
+        return place
+    if isinstance(decided, rank_policy.Conflict):
+        return Misfit(f"version {state.version}: {decided.message}")
+    rank = decided.rank_of_place(place)
+    if rank is None:
+        return Misfit(
+            f"version {state.version} ranks {len(decided.ranks)} claims, not the one at place "
+            f"{place}: its document is inconsistent"
+        )
+    return rank
 
 
 def complete_claims(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from etcd_rdzv import decisions, protocol
-from etcd_rdzv.layouts import RankView, describe_rank
+from etcd_rdzv.layouts import RankView, describe_rank, ranked_by_place
 from etcd_rdzv.protocol import RendezvousState, Status, Timing
 
 # A last call is overdue once its end is this far behind: its holder froze nothing in time.
@@ -48,6 +48,11 @@ class RunReading:
     def rank(self, rank: int) -> RankView | None:
         return next((view for view in self.ranks if view.rank == rank), None)
 
+    @property
+    def places(self) -> bool:
+        """Whether the numbers are join claims' places: nobody has a rank yet."""
+        return ranked_by_place(self.state)
+
 
 def forecast(reading: RunReading) -> tuple[Outlook, ...]:
     status = reading.state.status
@@ -62,9 +67,12 @@ def forecast(reading: RunReading) -> tuple[Outlook, ...]:
     return ()  # closed: nothing happens any more
 
 
-def who(view: RankView | None, rank: int) -> str:
-    """`rank 1 (vm-b, pid 18405)`, as far as the keys name its node."""
-    return describe_rank(rank, None if view is None else view.identity)
+def who(view: RankView | None, rank: int, *, place: bool = False) -> str:
+    """`rank 1 (vm-b, pid 18405)`, as far as the keys name its node; `place 1 (...)` where
+    the number is a join claim's place (a joinable version under a rank policy)."""
+    return describe_rank(
+        rank, None if view is None else view.identity, place=place or bool(view and view.place)
+    )
 
 
 def _setup(reading: RunReading) -> tuple[Outlook, ...]:
@@ -90,7 +98,8 @@ def _joinable(reading: RunReading) -> tuple[Outlook, ...]:
     since = _last_call_began(reading, holder)
     timing = reading.timing
     if since is None or timing is None:
-        return (Outlook(f"{who(reading.rank(holder), holder)} freezes it when its last call ends"),)
+        holding = who(reading.rank(holder), holder, place=reading.places)
+        return (Outlook(f"{holding} freezes it when its last call ends"),)
     ends = since + timing.last_call_timeout
     counted = decisions.last_call_counted(joined, max_nodes)
     if reading.now <= ends + _LAST_CALL_GRACE_SECONDS:
@@ -102,7 +111,8 @@ def _joinable(reading: RunReading) -> tuple[Outlook, ...]:
         )
         return (
             Outlook(
-                f"{who(reading.rank(holder), holder)} freezes it with {counted}",
+                f"{who(reading.rank(holder), holder, place=reading.places)} freezes it with "
+                f"{counted}",
                 at=ends,
                 unless=unless,
             ),
@@ -120,8 +130,9 @@ def _last_call_began(reading: RunReading, holder: int) -> float | None:
 def _last_call_overdue(reading: RunReading, holder: int, ends: float) -> tuple[Outlook, ...]:
     """The holder froze nothing in time: it died or is stalled."""
     late = reading.now - ends
-    blame = f"{who(reading.rank(holder), holder)} held the last call and is {late:.0f} s late"
-    unless = f"rank {holder} freezes it first"
+    holding = who(reading.rank(holder), holder, place=reading.places)
+    blame = f"{holding} held the last call and is {late:.0f} s late"
+    unless = f"{'place' if reading.places else 'rank'} {holder} freezes it first"
     if not reading.joins_by_claims:
         if reading.state_expires_in is None:
             return (Outlook(f"{blame}; nothing frees the run until it freezes"),)
@@ -147,7 +158,8 @@ def _last_call_overdue(reading: RunReading, holder: int, ends: float) -> tuple[O
     at, first = min(backups, key=lambda pair: pair[0])
     return (
         Outlook(
-            f"{who(first, first.rank)} tears the version down and every node starts over ({blame})",
+            f"{who(first, first.rank, place=reading.places)} tears the version down and every "
+            f"node starts over ({blame})",
             at=at,
             unless=unless,
         ),
@@ -163,7 +175,8 @@ def _first_timeout(reading: RunReading, short: int) -> Outlook:
     if began is None or reading.timing is None:
         return Outlook("the nodes that joined time out", unless=unless)
     return Outlook(
-        f"{who(first, 0)} times out (timeout {reading.timing.timeout:g} s) and its agent fails",
+        f"{who(first, 0, place=reading.places)} times out (timeout {reading.timing.timeout:g} s) "
+        "and its agent fails",
         at=began + reading.timing.timeout,
         unless=unless,
     )

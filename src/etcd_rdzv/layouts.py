@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
-from etcd_rdzv import decisions, protocol
+from etcd_rdzv import decisions, protocol, rank_policy
 from etcd_rdzv.config import KEY_LAYOUT_OF_API, KeyLayoutName
 from etcd_rdzv.kv import Entry, KeyNotFound, KeyValue
 from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes
@@ -93,6 +93,13 @@ class RunPaths:
         """Ours: written by the node that tears a version down: why, and who made it fail."""
         return f"{self.run}/rdzv/v_{version}/ended"
 
+    @property
+    def rank_memory(self) -> str:
+        """Ours: the ranks of the last final version by node id (`rank_policy.RankMemory`),
+        for a rank policy other than join order. Beside `rdzv/`, not in it: nodes waiting for
+        a version to end watch `rdzv/`, and this changes when one goes final."""
+        return f"{self.run}/rank_memory"
+
 
 def rank_of(key: str) -> int | None:
     """The rank a keep-alive key (`.../v_N/rank_R`) holds, None for any other key."""
@@ -110,6 +117,10 @@ class NodeIdentity:
     pid: int | None
     ttl: float | None = None  # the TTL the node renews its key to
     at: float | None = None  # unix time the node wrote the key: when it joined or confirmed
+    # Who the node is across restarts of its agent (`rank_policy`); and its rank under
+    # rank_policy=from_env, which the freezing node reads from its join claim.
+    node_id: str | None = None
+    env_rank: int | None = None
 
     def encode(self) -> str:
         return json.dumps(self.fields(), separators=(",", ":"))
@@ -123,6 +134,10 @@ class NodeIdentity:
         }
         if self.at is not None:
             document["at"] = self.at
+        if self.node_id is not None:
+            document["id"] = self.node_id
+        if self.env_rank is not None:
+            document["env_rank"] = self.env_rank
         return document
 
     @classmethod
@@ -133,17 +148,32 @@ class NodeIdentity:
     @classmethod
     def from_fields(cls, document: Mapping[str, object]) -> NodeIdentity:
         pid = document.get("pid")
+        env = document.get("env_rank")
         return cls(
             host=_optional_str(document.get("host")),
             addr=_optional_str(document.get("addr")),
             pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
             ttl=_optional_seconds(document.get("ttl")),
             at=_optional_seconds(document.get("at")),
+            node_id=_optional_str(document.get("id")),
+            env_rank=env if isinstance(env, int) and not isinstance(env, bool) else None,
         )
 
     def describe(self) -> str:
         where = self.host or self.addr or "an unknown host"
         return f"{where} (pid {self.pid})" if self.pid is not None else where
+
+    def named(self) -> str:
+        """`node-a (vm-a, pid 12)`: its node id first, where it has one (rank policies)."""
+        if self.node_id is None or self.node_id == self.host:
+            return self.describe()
+        where = self.host or self.addr or "an unknown host"
+        pid = f", pid {self.pid}" if self.pid is not None else ""
+        return f"{self.node_id} ({where}{pid})"
+
+    def candidate(self) -> rank_policy.Candidate:
+        """This node as a rank policy sees its join claim."""
+        return rank_policy.Candidate(self.node_id, self.env_rank, self.named())
 
 
 @dataclass(frozen=True)
@@ -171,16 +201,27 @@ class Culprit:
     node: NodeIdentity | None  # who held it, where the keys told
 
 
-def describe_rank(rank: int, node: NodeIdentity | None) -> str:
+def describe_rank(rank: int, node: NodeIdentity | None, *, place: bool = False) -> str:
     """`rank 1 (vm-b, pid 18405)`, as far as the keys name its node: how every reader
-    names a rank."""
+    names a rank. `place`: the number is a join claim's place, not a rank (a joinable
+    version under a rank policy other than join order ranks nobody yet)."""
+    word = "place" if place else "rank"
     if node is None:
-        return f"rank {rank}"
+        return f"{word} {rank}"
     where = node.host or node.addr or "an unknown host"
     return (
-        f"rank {rank} ({where}, pid {node.pid})"
+        f"{word} {rank} ({where}, pid {node.pid})"
         if node.pid is not None
-        else f"rank {rank} ({where})"
+        else f"{word} {rank} ({where})"
+    )
+
+
+def ranked_by_place(state: RendezvousState) -> bool:
+    """Whether `state`'s numbers are join claims' places rather than ranks: a joinable
+    version whose rank policy decides ranks only at the freeze."""
+    return (
+        state.status is Status.JOINABLE
+        and protocol.declared_rank_policy(state) != rank_policy.RankPolicy().spec
     )
 
 
@@ -194,14 +235,18 @@ class VersionEnd:
     # Members whose keep-alive keys still lived when it was torn down: they neither left nor
     # expired yet (a node killed a moment ago looks like this until its key expires).
     stayed: tuple[Culprit, ...] = ()
+    # The culprits' numbers are join claims' places, not ranks (`ranked_by_place`).
+    by_place: bool = False
 
     def encode(self) -> str:
-        document = {
+        document: dict[str, object] = {
             "reason": self.reason,
             "culprits": _encode_ranks(self.culprits),
             "by": self.by.fields(),
             "stayed": _encode_ranks(self.stayed),
         }
+        if self.by_place:
+            document["by_place"] = True
         return json.dumps(document, separators=(",", ":"))
 
     @classmethod
@@ -215,6 +260,7 @@ class VersionEnd:
             culprits=_parse_ranks(document.get("culprits")),
             by=NodeIdentity.from_fields(by if isinstance(by, dict) else {}),
             stayed=_parse_ranks(document.get("stayed")),
+            by_place=document.get("by_place") is True,
         )
 
 
@@ -269,6 +315,10 @@ class RankView:
     joined_at: float | None = None  # unix time of its join claim (claims layout)
     confirmed_at: float | None = None  # unix time it wrote its keep-alive key
     left: Departure | None = None  # it left the version on purpose
+    # Its rank in the final version before, where the run's rank policy recorded it.
+    previous_rank: int | None = None
+    # `rank` is a join claim's place: the version's rank policy ranks nobody until it freezes.
+    place: bool = False
 
     @property
     def overdue(self) -> bool:
@@ -349,6 +399,38 @@ class KeyLayout:
         node confirms: in torch's layout nothing (a join writes only the shared document)."""
         return ()
 
+    def join_claims(self, kv: KeyValue, version: int) -> tuple[NodeIdentity | None, ...]:
+        """Who claimed a place in `version`, in claim order (the place is the index)."""
+        try:
+            claims = kv.list(self.paths.join_claims(version)).entries
+        except KeyNotFound:
+            return ()
+        in_order = sorted(claims, key=lambda entry: entry.revision)
+        return tuple(NodeIdentity.parse(entry.value) for entry in in_order)
+
+    def decide_ranks(
+        self, kv: KeyValue, policy: rank_policy.RankPolicy, version: int, world_size: int
+    ) -> rank_policy.Assignment | rank_policy.Conflict:
+        """The ranks of `version`'s first `world_size` claims under `policy`, from the claims
+        and the run's rank memory (what the freezing node writes into the frozen state).
+        Only claims have places to rank: over torch's layout the config allows join order
+        alone."""
+        claims = self.join_claims(kv, version)[:world_size]
+        unnamed = NodeIdentity(None, None, None)
+        candidates = [(claim or unnamed).candidate() for claim in claims]
+        return rank_policy.assign(policy, candidates, self.rank_memory(kv))
+
+    def rank_memory(self, kv: KeyValue) -> rank_policy.RankMemory:
+        """The run's rank memory (`rank_policy.RankMemory`); empty when there is none yet."""
+        try:
+            return rank_policy.RankMemory.decode(kv.get(self.paths.rank_memory).value)
+        except KeyNotFound:
+            return rank_policy.RankMemory()
+
+    def ids_by_rank(self, kv: KeyValue, state: RendezvousState) -> list[str | None]:
+        """The node id of each rank of frozen or final `state`, from its join claims."""
+        return [node.node_id if node else None for node in self.joined(kv, state)]
+
     def rank_views(
         self,
         state: RendezvousState,
@@ -366,6 +448,9 @@ class KeyLayout:
         }
         left = departures(entries)
         confirmed = self.confirmed_ranks(state, (entry.key for entry in by_rank.values()))
+        decided = protocol.decided_ranks(state)
+        previous = decided.previous if isinstance(decided, rank_policy.Assignment) else ()
+        places = ranked_by_place(state)
         views = []
         for rank in sorted({*state.participants, *by_rank}):
             claim = joined[rank] if rank < len(joined) else None
@@ -382,6 +467,8 @@ class KeyLayout:
                     joined_at=claim.at if claim is not None else None,
                     confirmed_at=key.at if key is not None and is_confirmed else None,
                     left=left.get(rank),
+                    previous_rank=previous[rank] if rank < len(previous) else None,
+                    place=places,
                 )
             )
         return tuple(views)
@@ -482,8 +569,12 @@ class ClaimsLayout(KeyLayout):
         self, node: EtcdRendezvous, version: int, snapshot: Snapshot, deadline: Deadline
     ) -> tuple[int, Snapshot]:
         min_nodes, max_nodes = node.nodes
+        policy = node.config.rank_policy
         with node.phase(Phase.JOIN, version=version) as scope:
-            node.check(Phase.JOIN, decisions.may_claim(snapshot[1], version, node.nodes))
+            may = decisions.may_claim(
+                snapshot[1], version, node.nodes, policy.spec, node.config.env_rank
+            )
+            node.check(Phase.JOIN, may)
             queue = self.paths.join_claims(version)
             position = node.claim(
                 Phase.JOIN,
@@ -492,13 +583,17 @@ class ClaimsLayout(KeyLayout):
                 queue,
                 f"version {version} stopped being joinable",
             )
+            # The claim's place in the queue; under join order it is the rank, under another
+            # rank policy the node that freezes the version decides the rank.
             claimed = protocol.claimed_rank(position, min_nodes, max_nodes)
+            place = claimed.rank
+            known = {"place": place} if policy.decided_at_freeze else {"rank": place}
             node.count_claims(version, position)
             node.see(snapshot[1])
             if claimed.too_late:
                 scope.annotate(participants=max_nodes)
             else:
-                scope.annotate(rank=claimed.rank, participants=claimed.rank + 1)
+                scope.annotate(participants=place + 1, **known)
                 if claimed.freezes:
                     snapshot = self._freeze(
                         node,
@@ -509,17 +604,18 @@ class ClaimsLayout(KeyLayout):
                         deadline=deadline,
                     )
         if claimed.too_late:
-            self._await_freeze(node, version, snapshot, claimed.rank, deadline)
+            self._await_freeze(node, version, snapshot, place, deadline)
             raise node.start_over(Phase.JOIN, "version_full", f"version {version} filled up first")
-        rank = claimed.rank
         if claimed.holds_last_call:
-            with node.phase(Phase.LAST_CALL, version=version, rank=rank):
+            with node.phase(Phase.LAST_CALL, version=version, **known):
                 snapshot = self._hold_last_call(node, version, snapshot, deadline)
-        with node.phase(Phase.FROZEN_WAIT, version=version, rank=rank) as scope:
-            snapshot = self._await_freeze(node, version, snapshot, rank, deadline)
+        with node.phase(Phase.FROZEN_WAIT, version=version, **known) as scope:
+            snapshot = self._await_freeze(node, version, snapshot, place, deadline)
             scope.annotate(participants=snapshot[1].world_size)
-        # A claim that landed after the last-call holder counted the claims is not in it.
-        node.check(Phase.FROZEN_WAIT, decisions.in_frozen_version(rank, snapshot[1]))
+            # A claim that landed after the last-call holder counted the claims is not in it.
+            node.check(Phase.FROZEN_WAIT, decisions.in_frozen_version(place, snapshot[1]))
+            rank = node.check(Phase.FROZEN_WAIT, decisions.rank_in_frozen(place, snapshot[1]))
+            scope.annotate(rank=rank)
         with node.phase(Phase.CONFIRM, version=version, rank=rank):
             snapshot = self._confirm(node, version, rank, snapshot, deadline)
         return rank, snapshot
@@ -534,11 +630,13 @@ class ClaimsLayout(KeyLayout):
         world_size: int,
         deadline: Deadline,
     ) -> Snapshot:
-        """Freeze the version with its first `world_size` claims as participants."""
+        """Freeze the version with its first `world_size` claims as participants, ranked by
+        the run's rank policy when it is not join order."""
+        ranks = node.decide_ranks(version, world_size)
         _, snapshot = node.swap_state(
             snapshot,
             phase,
-            lambda s: decisions.freeze_claims(s, version, world_size, node.runtime.time()),
+            lambda s: decisions.freeze_claims(s, version, world_size, node.runtime.time(), ranks),
             deadline,
         )
         return snapshot
@@ -598,12 +696,14 @@ class ClaimsLayout(KeyLayout):
         # Only the claim that completes the set writes the keys (O(N) to build at every node).
         completes = position >= world_size
         keys = [self.paths.keep_alive(version, r) for r in range(world_size)] if completes else []
-        _, snapshot = node.swap_state(
+        decision, snapshot = node.swap_state(
             snapshot,
             Phase.CONFIRM,
             lambda s: decisions.complete_claims(s, version, position, keys, node.runtime.time()),
             deadline,
         )
+        if isinstance(decision, decisions.Write) and node.config.rank_policy.decided_at_freeze:
+            node.remember_ranks(version, snapshot[1])
         return snapshot
 
     def participants(self, state: RendezvousState, join_claims: int | None) -> int:
@@ -618,15 +718,18 @@ class ClaimsLayout(KeyLayout):
 
     def joined(self, kv: KeyValue, state: RendezvousState) -> tuple[NodeIdentity | None, ...]:
         """Under claims each join is a key holding its node's identity, and its place among
-        the version's claims (by creation revision) is its rank."""
+        the version's claims (by creation revision) is its rank under join order; under
+        another rank policy the frozen document says which rank each place got."""
         if state.version is None or state.status in (Status.SETUP, Status.CLOSED):
             return ()
-        try:
-            claims = kv.list(self.paths.join_claims(state.version)).entries
-        except KeyNotFound:
-            return ()
-        in_order = sorted(claims, key=lambda entry: entry.revision)
-        return tuple(NodeIdentity.parse(entry.value) for entry in in_order)
+        claims = self.join_claims(kv, state.version)
+        decided = protocol.decided_ranks(state)
+        if not isinstance(decided, rank_policy.Assignment):
+            return claims
+        by_rank: list[NodeIdentity | None] = [None] * len(decided.ranks)
+        for place, rank in enumerate(decided.ranks):
+            by_rank[rank] = claims[place] if place < len(claims) else None
+        return tuple(by_rank)
 
     def confirmed_ranks(
         self, state: RendezvousState, live_keep_alives: Iterable[str]

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from etcd_rdzv import rank_policy
 from etcd_rdzv.errors import CorruptStateError
 
 
@@ -218,6 +219,15 @@ class Timing:
         return {name: value for name, value in vars(self).items()}
 
 
+# Ours, claims layout only: the rank policy the version was opened with (`rank_policy`), when
+# it is not torch's join order. Every node of a version must have the same.
+RANK_POLICY_FIELD = "etcd_rdzv_rank_policy"
+
+# Ours, claims layout only: the ranks the freezing node decided under that policy
+# (`rank_policy.Assignment`, or the `Conflict` every node of the version raises).
+RANKS_FIELD = "etcd_rdzv_ranks"
+
+
 def open_version(
     version: int,
     *,
@@ -225,12 +235,16 @@ def open_version(
     trace_context: str | None = None,
     nodes: tuple[int, int] | None = None,
     timing: Timing | None = None,
+    rank_policy: str | None = None,
 ) -> RendezvousState:
+    """A joinable document; `rank_policy` is the spec of a policy other than join order."""
     extra: dict[str, Any] = {}
     if trace_context is not None:
         extra[TRACE_FIELD] = trace_context
     if nodes is not None:
         extra[NODES_FIELD] = list(nodes)
+    if rank_policy is not None:
+        extra[RANK_POLICY_FIELD] = rank_policy
     if timing is not None:
         extra[TIMING_FIELD] = timing.encode()
     return _entered(RendezvousState(Status.JOINABLE, version=version, extra=extra), now)
@@ -257,6 +271,17 @@ def declared_nodes(state: RendezvousState) -> tuple[int, int] | None:
     ):
         return nodes[0], nodes[1]
     return None
+
+
+def declared_rank_policy(state: RendezvousState) -> str:
+    """The spec of the rank policy the version was opened with (join order unless said)."""
+    policy = state.extra.get(RANK_POLICY_FIELD)
+    return policy if isinstance(policy, str) else "join_order"
+
+
+def decided_ranks(state: RendezvousState) -> rank_policy.Assignment | rank_policy.Conflict | None:
+    """The ranks the freezing node decided, when a policy other than join order did."""
+    return rank_policy.decode(state.extra.get(RANKS_FIELD), state.world_size)
 
 
 def trace_context(state: RendezvousState) -> str | None:
@@ -310,12 +335,19 @@ def last_call_since(state: RendezvousState) -> float | None:
 
 
 def freeze(
-    state: RendezvousState, *, now: float | None = None, world_size: int | None = None
+    state: RendezvousState,
+    *,
+    now: float | None = None,
+    world_size: int | None = None,
+    ranks: rank_policy.Assignment | rank_policy.Conflict | None = None,
 ) -> RendezvousState:
     """Close the join window. Under claims (below) the state does not list who joined: the
-    freezing node counted `world_size` join claims."""
+    freezing node counted `world_size` join claims, and decided their `ranks` when the
+    version's rank policy is not join order."""
     participants = state.participants if world_size is None else tuple(range(world_size))
     frozen = replace(state, status=Status.FROZEN, participants=participants, keep_alives=())
+    if ranks is not None:
+        frozen = replace(frozen, extra={**frozen.extra, RANKS_FIELD: ranks.fields()})
     return _entered(frozen, now)
 
 

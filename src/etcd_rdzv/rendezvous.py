@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from etcd_rdzv import decisions, protocol
+from etcd_rdzv import decisions, protocol, rank_policy
 from etcd_rdzv.config import RendezvousConfig
 from etcd_rdzv.errors import (
     ConfigurationError,
@@ -60,9 +60,11 @@ from etcd_rdzv.layouts import (
     departures,
     layout_for,
     rank_of,
+    ranked_by_place,
 )
 from etcd_rdzv.leases import KeepAlive
 from etcd_rdzv.protocol import Lifetime, RendezvousState, Status
+from etcd_rdzv.rank_policy import RankMemory
 from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline
 from etcd_rdzv.runtime import SYSTEM, Runtime
 from etcd_rdzv.swap import Keep, Put, SwapExhausted, swap
@@ -76,6 +78,10 @@ class Membership:
     version: int
     rank: int
     world_size: int
+    # This node's rank in the final version before, as far as known: from the run's rank
+    # memory under a rank policy other than join order, else from this process's last
+    # membership (None after its agent restarted, or for a newcomer).
+    previous_rank: int | None = None
 
 
 class _StartOver(Exception):
@@ -123,14 +129,23 @@ class EtcdRendezvous:
         self._rank_keep_alive: KeepAlive | None = None
         self._held: tuple[int, int] | None = None  # (version, rank) of _rank_keep_alive
         self._last_seen: tuple[int | None, str] | None = None
+        self._last_membership: Membership | None = None
+        # The version whose keep-alive key this node deleted when it left it, last.
+        self._left_version: int | None = None
         # Under claims a joinable document lists nobody: the claims this node counted last.
         self._claims_counted: tuple[int, int] | None = None  # (version, claims)
         self._lock = threading.Lock()
         # Names this node's join claims; unique per process and per rendezvous object.
         self.claimant = claimant or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Who this node is, in its keys (claims, keep-alives) and in the states it writes.
+        host = socket.gethostname()
         self.identity = NodeIdentity(
-            socket.gethostname(), config.local_addr, os.getpid(), config.ttls.keep_alive
+            host,
+            config.local_addr,
+            os.getpid(),
+            config.ttls.keep_alive,
+            node_id=config.node_id or host,
+            env_rank=config.env_rank,
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -193,7 +208,10 @@ class EtcdRendezvous:
                     version=membership.version,
                     rank=membership.rank,
                     world_size=membership.world_size,
+                    rank_policy=self.config.rank_policy.kind,
+                    previous_rank=membership.previous_rank,
                 )
+                self._last_membership = membership
                 return membership
             raise RendezvousTimeoutError(
                 f"Rendezvous of run {self.config.run_id!r} did not complete within "
@@ -244,7 +262,14 @@ class EtcdRendezvous:
                 still=Status.FROZEN,
                 deadline=deadline,
             )
-        return Membership(version, rank, state.world_size)
+        return Membership(version, rank, state.world_size, self._previous_rank(state, rank))
+
+    def _previous_rank(self, final: RendezvousState, rank: int) -> int | None:
+        decided = protocol.decided_ranks(final)
+        if isinstance(decided, rank_policy.Assignment):
+            return decided.previous[rank] if rank < len(decided.previous) else None
+        last = self._last_membership
+        return None if last is None else last.rank
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -283,6 +308,8 @@ class EtcdRendezvous:
                 frozen_ttl=config.ttls.frozen,
                 keep_alive_ttl=config.ttls.keep_alive,
             ),
+            # Join order, the default (and torch's), is not written: its documents stay torch's.
+            rank_policy=config.rank_policy.spec if config.rank_policy.decided_at_freeze else None,
         )
 
         def replace_placeholder(state: RendezvousState) -> decisions.Write | decisions.StartOver:
@@ -327,40 +354,40 @@ class EtcdRendezvous:
 
         It ends when its members start a new rendezvous, or when one of them stops renewing
         its keep-alive key: then this node deletes the version so that a new one can open.
+        A member that has just left it (to rendezvous again) deletes it at once.
         """
         _, final = snapshot
         version = final.version
         assert version is not None
         self._enter_version(version, final)
         with self.phase(Phase.WAIT_NEXT_VERSION, version=version) as scope:
+            if self._left_version == version:
+                # This node left the version (its key is deleted): the version cannot go on,
+                # so it ends it at once. Not counting itself waiting first, nor listing the
+                # version's keys before: when a whole job rendezvous again (a worker failed,
+                # every agent restarts), every member would fight over that compare-and-swap
+                # of the one state key (thousands of lost races at 64 nodes) and send the
+                # listing N times. Only the node whose delete applied reads why.
+                if self._delete_state(version, snapshot[0], Status.FINAL):
+                    self._record_final_ending(version, snapshot, self._list_version(version)[0])
+                return
             announced, (entry, state) = self.swap_state(
                 snapshot,
                 Phase.WAIT_NEXT_VERSION,
                 lambda s: decisions.announce_waiting(s, version),
                 deadline,
             )
-            scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
             if isinstance(announced, decisions.Write):
                 self._say_waiting(version)
+            scope.annotate(participants=state.world_size, nodes_waiting=state.num_workers_waiting)
             while state.is_version(Status.FINAL, version):
-                try:
-                    listing = self._kv.list(self.paths.version_dir(version))
-                    keys, live, seen_at = listing.entries, listing.keys, listing.revision
-                except KeyNotFound as gone:
-                    keys, live, seen_at = (), frozenset(), gone.revision or entry.read_revision
+                keys, live, seen_at = self._list_version(version)
+                seen_at = seen_at or entry.read_revision
                 missing = protocol.missing_keep_alives(state, live)
                 if missing:
                     scope.event("keep_alive_missing", keys=",".join(missing))
-                    ranks = [r for r in map(rank_of, missing) if r is not None]
-                    left = departures(keys)
-                    # Members that said they left (to rendezvous again) made nothing fail;
-                    # the others' keys expired: their nodes are gone.
-                    lost = [rank for rank in ranks if rank not in left]
-                    reason = "keep_alive_missing" if lost else "members_left"
-                    stayed = [rank for rank in state.participants if rank not in ranks]
-                    self.tear_down(
-                        version, entry, Status.FINAL, reason, lost or ranks, stayed=stayed
-                    )
+                    if self._delete_state(version, entry, Status.FINAL):
+                        self._record_final_ending(version, (entry, state), keys)
                     return
                 if deadline.expired():
                     raise RendezvousTimeoutError(
@@ -457,10 +484,7 @@ class EtcdRendezvous:
         if isinstance(decision, decisions.StartOver):
             raise _StartOver(phase, decision.reason, decision.detail)
         if isinstance(decision, decisions.Misfit):
-            raise ConfigurationError(
-                f"Run {self.config.run_id!r}: {decision.message}: every node of a run must use "
-                "the same --nnodes MIN:MAX."
-            )
+            raise ConfigurationError(f"Run {self.config.run_id!r}: {decision.message}")
         return decision
 
     def start_over(self, phase: Phase, reason: str, detail: str) -> _StartOver:
@@ -596,6 +620,32 @@ class EtcdRendezvous:
             # Claims are never deleted while their version lasts: a count only grows.
             self._claims_counted = (version, claims)
 
+    def decide_ranks(
+        self, version: int, world_size: int
+    ) -> rank_policy.Assignment | rank_policy.Conflict | None:
+        """The ranks this node freezes `version` with: None under join order (a rank is a
+        claim's place), else decided by the run's rank policy (two reads)."""
+        policy = self.config.rank_policy
+        if not policy.decided_at_freeze:
+            return None
+        return self.layout.decide_ranks(self._kv, policy, version, world_size)
+
+    def remember_ranks(self, version: int, final: RendezvousState) -> None:
+        """Record final `version`'s ranks by node id in the run's rank memory, for the next
+        freeze (`rank_policy.RankMemory`). Best effort: a memory that missed a version only
+        makes the next ranks less stable, never wrong, so nothing waits on this."""
+        try:
+            ids = self.layout.ids_by_rank(self._kv, final)
+
+            def remember(entry: Entry | None) -> Put[None] | Keep[None]:
+                memory = RankMemory.decode(None if entry is None else entry.value)
+                after = memory.after(version, ids)
+                return Keep(None) if after is memory else Put(after.encode(), None)
+
+            swap(self._kv, self.paths.rank_memory, remember, runtime=self.runtime)
+        except (KvError, EtcdUnavailableError, OutcomeUnknown, SwapExhausted):
+            return
+
     def hold_last_call(self, version: int) -> None:
         """This node holds `version`'s last call from now: say until when (wall clock)."""
         self._observer.last_call_deadline(
@@ -625,11 +675,48 @@ class EtcdRendezvous:
         """Delete the state as last seen, so that a new version can open, and say who made
         the version fail (`culprits`, by rank); if it moved on meanwhile, the next attempt
         sees how."""
+        if self._delete_state(version, entry, status):
+            self._record_ending(version, entry, reason, culprits, stayed or [])
+
+    def _delete_state(self, version: int, entry: Entry, status: Status) -> bool:
+        """Delete the state as last seen: whether this node's delete applied."""
         try:
             self._kv.compare_and_delete(self.paths.active_version, entry)
         except (CompareFailed, KeyNotFound, OutcomeUnknown):
-            return
+            return False
         self._observer.transition(version, status.value, "deleted", 0, True)
+        return True
+
+    def _list_version(self, version: int) -> tuple[tuple[Entry, ...], frozenset[str], int | None]:
+        """A version's keys: entries, the keys alone, and the revision read at."""
+        try:
+            listing = self._kv.list(self.paths.version_dir(version))
+        except KeyNotFound as gone:
+            return (), frozenset(), gone.revision
+        return tuple(listing.entries), frozenset(listing.keys), listing.revision
+
+    def _record_final_ending(
+        self, version: int, snapshot: Snapshot, keys: tuple[Entry, ...]
+    ) -> None:
+        """Why final `version` (deleted by this node) ended, from its keys: members that said
+        they left (to rendezvous again) made nothing fail; the others' keys expired, so their
+        nodes are gone."""
+        entry, state = snapshot
+        live = {e.key for e in keys}
+        ranks = [
+            r for r in map(rank_of, protocol.missing_keep_alives(state, live)) if r is not None
+        ]
+        left = departures(keys)
+        lost = [rank for rank in ranks if rank not in left]
+        reason = "keep_alive_missing" if lost else "members_left"
+        stayed = [rank for rank in state.participants if rank not in ranks]
+        self._record_ending(version, entry, reason, lost or ranks, stayed)
+
+    def _record_ending(
+        self, version: int, entry: Entry, reason: str, culprits: list[int], stayed: list[int]
+    ) -> None:
+        """Tell the observer and the run's history (`VersionEnd`) why a version this node
+        deleted ended, and who made it fail."""
         try:
             last: RendezvousState | None = RendezvousState.decode(entry.value, entry.key)
         except CorruptStateError:
@@ -637,7 +724,9 @@ class EtcdRendezvous:
         joined = self._joined(last)
         blamed = _named(joined, culprits)
         self._say_who_failed(version, reason, blamed)
-        ending = VersionEnd(reason, blamed, self._stamped(), _named(joined, stayed or []))
+        by_place = last is not None and ranked_by_place(last)
+        stayers = _named(joined, stayed)
+        ending = VersionEnd(reason, blamed, self._stamped(), stayers, by_place=by_place)
         try:
             # For the readers of the run's history (`etcd-rdzv status`); nobody waits on it.
             self._kv.put(self.paths.ending(version), ending.encode())
@@ -809,7 +898,8 @@ class EtcdRendezvous:
             self._kv.put(self.paths.departure(version, rank), departure.encode())
             self._kv.compare_and_delete(keep_alive.key, self._kv.get(keep_alive.key))
         except (KeyNotFound, CompareFailed, OutcomeUnknown, EtcdUnavailableError, KvError):
-            pass  # it expires within its TTL anyway
+            return  # it expires within its TTL anyway
+        self._left_version = version
 
     def _say_waiting(self, version: int) -> None:
         """Name this node among those waiting for `version` to end, for readers (`status`):

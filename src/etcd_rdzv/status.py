@@ -61,10 +61,12 @@ from etcd_rdzv.layouts import (
     layout_for,
     layout_of_client,
     rank_of,
+    ranked_by_place,
     version_end,
     waiting_nodes,
 )
 from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes, missing_keep_alives
+from etcd_rdzv.rank_policy import Assignment, Conflict
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -141,7 +143,9 @@ class VersionHistory:
         parts = []
         ending = self.ending
         if ending is not None:
-            culprits = _and([describe_rank(c.rank, c.node) for c in ending.culprits])
+            culprits = _and(
+                [describe_rank(c.rank, c.node, place=ending.by_place) for c in ending.culprits]
+            )
             when = _clock(ending.by.at)
             by = ending.by.describe()
             parts.append(
@@ -464,6 +468,10 @@ class Report:
             "state_since": self.state_since.isoformat() if self.state_since else None,
             "state_by": NodeIdentity.from_fields(by).describe() if by else None,
             "state_expires_in_seconds": snap.state_expires_in,
+            "rank_policy": protocol.declared_rank_policy(state) if state else None,
+            "previous_version": _previous_version(state),
+            # While joinable under a rank policy, the "rank" of each entry is a join's place.
+            "ranks_are_places": state is not None and ranked_by_place(state),
             "ranks": [
                 {
                     "rank": r.rank,
@@ -475,6 +483,8 @@ class Report:
                     "host": r.identity.host if r.identity else None,
                     "addr": r.identity.addr if r.identity else None,
                     "pid": r.identity.pid if r.identity else None,
+                    "node_id": r.identity.node_id if r.identity else None,
+                    "previous_rank": r.previous_rank,
                     "joined_at": r.joined_at,
                     "confirmed_at": r.confirmed_at,
                     "left": r.left.reason if r.left else None,
@@ -528,19 +538,30 @@ class Report:
                 f"nodes waiting: {state.num_workers_waiting or 0}   "
                 f"{_bounds(self.min_nodes, self.max_nodes)}"
             )
-        rows = [("rank", "host", "pid", "phase", "since", "keep-alive")]
+            policy_line = _rank_policy_text(state)
+            if policy_line:
+                lines.append(policy_line)
+        # Under a rank policy: who each node is, and the rank it held before.
+        policy = state is not None and protocol.declared_rank_policy(state) != "join_order"
+        places = state is not None and ranked_by_place(state)
+        header = ("place" if places else "rank", "host", "pid", "phase", "since", "keep-alive")
+        rows: list[tuple[str, ...]] = [(*header, "node id", "previous rank") if policy else header]
         for view, node in zip(snap.ranks, self.node_rows(), strict=True):
             ident = view.identity
-            rows.append(
-                (
-                    str(view.rank),
-                    (ident.host or ident.addr or "-") if ident else "?",
-                    _dash(ident.pid) if ident else "-",
-                    node.phase,
-                    _clock(node.since, self.now).removeprefix(" at ") or "-",
-                    _keep_alive_text(view, state.status if state else None),
-                )
+            row: tuple[str, ...] = (
+                str(view.rank),
+                (ident.host or ident.addr or "-") if ident else "?",
+                _dash(ident.pid) if ident else "-",
+                node.phase,
+                _clock(node.since, self.now).removeprefix(" at ") or "-",
+                _keep_alive_text(view, state.status if state else None),
             )
+            if policy:
+                held = view.previous_rank
+                previous = "-" if places else "none" if held is None else str(held)
+                row = (*row, _dash(ident.node_id) if ident else "?", previous)
+            rows.append(row)
+        blank = ("-", "-") if policy else ()
         for waiter in snap.waiting:
             rows.append(
                 (
@@ -550,11 +571,14 @@ class Report:
                     "waiting for the next version",
                     _clock(waiter.at, self.now).removeprefix(" at ") or "-",
                     "-",
+                    *blank,
                 )
             )
         missing = self.missing_nodes()
         if missing:
-            rows.append(("-", "?", "-", f"not arrived ({_count(missing, 'node')})", "-", "-"))
+            rows.append(
+                ("-", "?", "-", f"not arrived ({_count(missing, 'node')})", "-", "-", *blank)
+            )
         if len(rows) > 1:
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
             for row in rows:
@@ -631,6 +655,28 @@ def _duration(seconds: float) -> str:
 
 def _dash(value: object) -> str:
     return "-" if value is None else str(value)
+
+
+def _previous_version(state: RendezvousState | None) -> int | None:
+    decided = None if state is None else protocol.decided_ranks(state)
+    return decided.previous_version if isinstance(decided, Assignment) else None
+
+
+def _rank_policy_text(state: RendezvousState) -> str | None:
+    """`rank policy: stable (previous ranks: version 7)`, for a policy other than join order."""
+    spec = protocol.declared_rank_policy(state)
+    if spec == "join_order":
+        return None
+    text = f"rank policy: {spec.replace(';', ' with ')}"
+    decided = protocol.decided_ranks(state)
+    if isinstance(decided, Conflict):
+        return f"{text}; it could not rank this version, every node of it fails: {decided.message}"
+    if ranked_by_place(state):
+        return f"{text}; ranks are decided when the version freezes (until then: places)"
+    if isinstance(decided, Assignment):
+        before = decided.previous_version
+        return f"{text}; previous ranks from version {before}" if before else text
+    return text
 
 
 def report(

@@ -13,6 +13,7 @@ import pytest
 
 from etcd_rdzv_devtools.demo import AgentSpec, read_records, wait_for_agents
 from etcd_rdzv_devtools.local_etcd import LocalEtcd
+from tests.conftest import only_etcd_api
 from tests.e2e.agents import WORKER_SCRIPT, LaunchAgent, describe_agents, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -172,3 +173,80 @@ def test_survivors_restart_with_a_smaller_world_when_a_node_dies(
     for pid in survivor_pids:
         assert not re.search(rf"pid {pid}\) (neither|had not)", lost), f"{history}\n{context}"
         assert f"pid {pid})" not in blamed, f"{history}\n{context}"
+
+
+@only_etcd_api("v3")  # over v2 ranks are the join order (torch's layout)
+def test_a_restarted_node_keeps_its_group_rank_under_the_stable_rank_policy(
+    etcd: LocalEtcd, run_id: str, tmp_path: Path, launch_agent: LaunchAgent
+) -> None:
+    """Three agents with `rank_policy=stable`: SIGKILL the agent of group rank 0 mid-job and
+    start it again (same node id, as a cluster manager restarts a pod). The survivors'
+    workers fail, their agents restart them and rendezvous again with the new agent: every
+    node has the group rank it had, rank 0 included (by join order the restarted node, last
+    to arrive or first, would take whatever rank its arrival gave it)."""
+    nproc = 1
+    out = tmp_path / "results"
+    names = ["node-a", "node-b", "node-c"]
+
+    def spec(name: str) -> AgentSpec:
+        return AgentSpec(
+            endpoint=etcd.endpoint,
+            run_id=run_id,
+            nnodes="3",
+            nproc_per_node=nproc,
+            max_restarts=1,
+            worker=WORKER_SCRIPT,
+            worker_args=(
+                *("--out", str(out / name)),
+                *("--steps", "24", "--step-seconds", "0.25"),
+                *("--timeout", "20"),
+            ),
+            rdzv_conf={
+                "rank_policy": "stable",
+                "node_id": name,
+                "last_call_timeout": "2",
+                "keep_alive_ttl": "3",
+                "timeout": "120",
+            },
+        )
+
+    agents = {name: launch_agent(name, spec(name)) for name in names}
+
+    def all_three_running() -> dict[str, list[Record]] | None:
+        started = records_by_agent(out, names, "started")
+        full = {name: [r for r in records if r["world_size"] == 3 * nproc]
+                for name, records in started.items()}  # fmt: skip
+        return full if all(len(records) == nproc for records in full.values()) else None
+
+    first_round = wait_until(
+        all_three_running,
+        JOB_TIMEOUT,
+        what="all three nodes' workers",
+        agents=list(agents.values()),
+    )
+    first = {name: records[0]["group_rank"] for name, records in first_round.items()}
+    victim = next(name for name, rank in first.items() if rank == 0)
+    agents[victim].kill()
+    restarted = launch_agent(f"{victim}-restarted", spec(victim))
+    running = [agent for name, agent in agents.items() if name != victim] + [restarted]
+
+    codes = wait_for_agents(running, 2 * JOB_TIMEOUT)
+
+    context = (
+        f"killed {victim}, first round {first}\n{describe_agents([*agents.values(), restarted])}"
+    )
+    assert codes == {agent.name: 0 for agent in running}, context
+    first_pids = {r["pid"] for records in first_round.values() for r in records}
+    by_agent = records_by_agent(out, names, "result")
+    second = {
+        name: {r["group_rank"] for r in records if r["pid"] not in first_pids}
+        for name, records in by_agent.items()
+    }
+    assert second == {name: {rank} for name, rank in first.items()}, context
+    results = [r for records in by_agent.values() for r in records if r["pid"] not in first_pids]
+    assert_one_world(results, 3 * nproc, context)
+    # status tells each node's previous rank: the same, for all three.
+    ranks = run_status(etcd, run_id)["ranks"]
+    assert {r["node_id"]: (r["rank"], r["previous_rank"]) for r in ranks} == {
+        name: (rank, rank) for name, rank in first.items()
+    }, f"{ranks}\n{context}"

@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("seeds", type=parse_seeds, help="e.g. 17, 0-1999 or 3,5-9")
     parser.add_argument("--nodes", type=int, help="nodes in every schedule (default: drawn)")
     parser.add_argument("--trace", action="store_true", help="print passing seeds' traces too")
+    parser.add_argument(
+        "--rank-policies",
+        action="store_true",
+        help="draw a rank policy other than join order for claims-layout schedules",
+    )
     args = parser.parse_args(argv)
     # The protocol's warnings (retries, re-created keys) are the faults doing their job.
     logging.getLogger("etcd_rdzv").setLevel(logging.ERROR)
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     steps = 0
     for seed in args.seeds:
-        outcome = run(seed, nodes=args.nodes)
+        outcome = run(seed, nodes=args.nodes, rank_policies=args.rank_policies)
         steps += outcome.steps
         if not outcome.ok or args.trace:
             print(outcome.report(), end="\n\n", flush=True)

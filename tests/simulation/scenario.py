@@ -25,6 +25,7 @@ Invariants, after every step:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ from etcd_rdzv.kv import KvError
 from etcd_rdzv.kv.base import Change
 from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv.protocol import RendezvousState, Status
+from etcd_rdzv.rank_policy import Assignment, RankPolicy
 from etcd_rdzv.rendezvous import EtcdRendezvous, Membership
 from etcd_rdzv.telemetry import NOOP_OBSERVER, Observer, Phase, PhaseScope
 from tests.simulation.engine import Actor, SimulatedKeyValue, SimulatedRuntime, Simulation
@@ -80,9 +82,31 @@ class Scenario:
     # Kill the first node to reach one protocol point, as `--die-at` does for real processes
     # (tests/integration/test_agent_faults.py): a `DIE_AT` key, or None.
     die_at: str | None = None
+    # How ranks are handed out (claims layout only: over v2 ranks are the join order).
+    rank_policy: RankPolicy = field(default_factory=RankPolicy)
 
     @classmethod
-    def from_seed(cls, seed: int, *, nodes: int | None = None) -> Scenario:
+    def from_seed(
+        cls, seed: int, *, nodes: int | None = None, rank_policies: bool = False
+    ) -> Scenario:
+        """The scenario of `seed`. With `rank_policies`, a rank policy other than join order
+        is drawn too, from a generator of its own: the rest of the schedule is the seed's."""
+        scenario = cls._drawn(seed, nodes)
+        if not rank_policies or scenario.layout != "claims":
+            return scenario
+        policy = random.Random(seed ^ 0x2A2A).choice(
+            (
+                RankPolicy("stable"),
+                RankPolicy("stable"),
+                RankPolicy("host_order"),
+                RankPolicy("stable", rank0_node="n1"),
+                RankPolicy("join_order", rank0_node="n0"),
+            )
+        )
+        return dataclasses.replace(scenario, rank_policy=policy)
+
+    @classmethod
+    def _drawn(cls, seed: int, nodes: int | None) -> Scenario:
         rng = random.Random(seed)
         n = nodes or rng.choice((1, 2, 2, 3, 3, 3, 4, 4, 5, 6, 8, 8, 12, 16, 32))
         elastic = rng.random() < 0.5
@@ -146,6 +170,7 @@ class Scenario:
             f"{self.last_call}s, keep-alive TTL {self.ttls.keep_alive}s, starts within "
             f"{self.start_spread}s, {self.stragglers} as the last call ends; faults {faults}"
             + ("; one misconfigured node" if self.mismatch else "")
+            + (f"; {self.rank_policy.describe()}" if self.rank_policy.decided_at_freeze else "")
         )
 
 
@@ -204,6 +229,8 @@ class Outcome:
     victim_rank: int | None = None  # its rank, where it had one
     # (version, reason, ranks) of every version a node tore down, as it told its observer
     torn_down: list[tuple[int, str, tuple[int, ...]]] = field(default_factory=list)
+    policy_checks: int = 0  # memberships checked against the rank policy's promise
+    kept_by_stable: int = 0  # of which the stable policy had to keep a rank
 
     @property
     def ok(self) -> bool:
@@ -214,7 +241,8 @@ class Outcome:
         lines += [f"VIOLATION: {violation}" for violation in self.violations]
         lines.append(f"after {self.steps} steps, t={self.virtual_seconds:.3f}; last steps:")
         lines += self.trace[-80:]
-        lines.append(f"replay: make simulate SEEDS={self.scenario.seed}")
+        policies = " RANK_POLICIES=1" if self.scenario.rank_policy.decided_at_freeze else ""
+        lines.append(f"replay: make simulate SEEDS={self.scenario.seed}{policies}")
         return "\n".join(lines)
 
 
@@ -257,6 +285,8 @@ class Run:
         self.torn_down: list[tuple[int, str, tuple[int, ...]]] = []  # as the nodes reported
         self._decoded: tuple[int, RendezvousState] | None = None
         self.sim.on_pick = self._maybe_crash
+        self.policy_checks = 0  # memberships checked against the rank policy's promise
+        self.kept_by_stable = 0  # of which the stable policy had to keep a rank
 
     # --- the schedule ----------------------------------------------------------------------------
 
@@ -307,6 +337,8 @@ class Run:
             self.crashed_at,
             self._victim_rank(),
             self.torn_down,
+            self.policy_checks,
+            self.kept_by_stable,
         )
 
     def _schedule_faults(self, names: list[str]) -> None:
@@ -364,6 +396,9 @@ class Run:
             last_call_timeout=s.last_call,
             ttls=s.ttls,
             etcd_api="v3" if s.layout == "claims" else "v2",
+            rank_policy=s.rank_policy,
+            # A node is the same node across its incarnations (restarts of its process).
+            node_id=name,
         )
         runtime = SimulatedRuntime(self.sim, name)
         kv = SimulatedKeyValue(self.sim, name, claims=s.layout == "claims")
@@ -508,11 +543,47 @@ class Run:
         if holder is not None and holder != me:
             self._violation(f"rank {rank} of version {version} handed to {holder} and {me}")
         record.ranks[rank] = me
+        self._check_rank_policy(name, membership, state)
         if self.incarnations.get(name) != incarnation:
             return  # killed on its way out of the rendezvous: it never trains
         self.training[name] = membership
         if version in self.broken_versions:
             self.wants_restart.add(name)
+
+    def _check_rank_policy(
+        self, name: str, membership: Membership, state: RendezvousState | None
+    ) -> None:
+        """The policy's promise, against what this checker saw: a node of the previous final
+        version keeps its rank unless the world shrank below it, rank0_node is rank 0, and
+        the previous rank a node is told is the one it held."""
+        policy = self.scenario.rank_policy
+        if not policy.decided_at_freeze or state is None:
+            return
+        decided = protocol.decided_ranks(state)
+        if not isinstance(decided, Assignment):
+            self._violation(f"final version {state.version} under {policy.spec} ranks nobody")
+            return
+        rank, size = membership.rank, membership.world_size
+        if policy.rank0_node == name and rank != 0:
+            self._violation(f"{name} is rank0_node but got rank {rank} of {membership.version}")
+        before = self.versions.get(decided.previous_version or -1)
+        if before is None or len(before.ranks) != before.world_size:
+            return  # a member of it died on its way out: the checker does not know its ranks
+        held = next((r for r, who in before.ranks.items() if who.partition(".")[0] == name), None)
+        self.policy_checks += 1
+        if membership.previous_rank != held:
+            self._violation(
+                f"{name} told previous rank {membership.previous_rank} in version "
+                f"{membership.version}, held {held} in version {decided.previous_version}"
+            )
+        moved = policy.rank0_node is not None and 0 in (rank, held)
+        if policy.kind == "stable" and held is not None and held < size and not moved:
+            self.kept_by_stable += 1
+            if rank != held:
+                self._violation(
+                    f"{name} held rank {held} of version {decided.previous_version} and got "
+                    f"{rank} of version {membership.version} ({size} nodes)"
+                )
 
     def _on_change(self, change: Change) -> None:
         run = self.paths.run
@@ -594,5 +665,5 @@ def _few(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
-def run(seed: int, *, nodes: int | None = None) -> Outcome:
-    return Run(Scenario.from_seed(seed, nodes=nodes)).execute()
+def run(seed: int, *, nodes: int | None = None, rank_policies: bool = False) -> Outcome:
+    return Run(Scenario.from_seed(seed, nodes=nodes, rank_policies=rank_policies)).execute()

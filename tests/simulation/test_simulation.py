@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from etcd_rdzv import protocol
+from etcd_rdzv import protocol, rank_policy
 from tests.simulation.scenario import Outcome, Run, Scenario, run
 
 CHUNK = 200
@@ -30,7 +31,7 @@ REGRESSIONS = {
 }
 
 
-def failures(seeds: Iterator[int] | range, **kwargs: int) -> list[str]:
+def failures(seeds: Iterator[int] | range, **kwargs: Any) -> list[str]:
     return [
         outcome.report() for outcome in map(lambda s: run(s, **kwargs), seeds) if not outcome.ok
     ]
@@ -96,3 +97,52 @@ def test_it_catches_ranks_handed_out_one_off(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(protocol, "claimed_rank", one_off)
     assert not run(4).ok
+
+
+# Rank policies (claims layout): the same schedules with a policy other than join order drawn
+# for each, its promise checked at every membership (`Run._check_rank_policy`).
+
+POLICY_CORPUS = range(0, 1000)
+
+
+@pytest.mark.parametrize("first", range(POLICY_CORPUS.start, POLICY_CORPUS.stop, CHUNK))
+def test_rank_policies_keep_their_promise_across_deaths_returns_and_joins(first: int) -> None:
+    outcomes = [run(seed, rank_policies=True) for seed in range(first, first + CHUNK)]
+    found = [outcome.report() for outcome in outcomes if not outcome.ok]
+    assert not found, "\n\n".join(found)
+    # Not vacuous: nodes came back to a version after the one they were in, and the stable
+    # policy had ranks to keep.
+    assert sum(outcome.policy_checks for outcome in outcomes) > 100
+    assert sum(outcome.kept_by_stable for outcome in outcomes) > 50
+
+
+def test_schedules_draw_every_rank_policy() -> None:
+    drawn = {Scenario.from_seed(seed, rank_policies=True).rank_policy for seed in range(100)}
+    assert {policy.kind for policy in drawn} == {"join_order", "stable", "host_order"}
+    assert any(policy.rank0_node for policy in drawn)
+    # Without rank policies asked for, every schedule is the seed's as before.
+    assert all(not Scenario.from_seed(seed).rank_policy.decided_at_freeze for seed in range(100))
+
+
+def test_it_catches_a_stable_policy_that_forgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    def join_order(candidates: object, first: object, memory: object) -> list[int]:
+        return list(range(len(candidates)))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rank_policy, "_stable", join_order)
+    outcomes = [run(seed, rank_policies=True) for seed in range(0, 100)]
+    assert any("and got" in v for o in outcomes for v in o.violations)
+
+
+def test_it_catches_a_previous_rank_that_is_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    assign = rank_policy.assign
+
+    def shifted(*args: Any) -> rank_policy.Assignment | rank_policy.Conflict:
+        decided = assign(*args)
+        if isinstance(decided, rank_policy.Conflict):
+            return decided
+        previous = tuple(None if p is None else p + 1 for p in decided.previous)
+        return dataclasses.replace(decided, previous=previous)
+
+    monkeypatch.setattr(rank_policy, "assign", shifted)
+    outcomes = [run(seed, rank_policies=True) for seed in range(0, 100)]
+    assert any("told previous rank" in v for o in outcomes for v in o.violations)

@@ -147,3 +147,17 @@ def test_without_recorded_times_nothing_is_predicted_with_a_time() -> None:
     closed = protocol.close(final(2), now=T0)
     assert forecast(reading(closed, [], T0)) == ()
     assert Status.CLOSED is closed.status
+
+
+def test_under_a_rank_policy_a_joinable_version_names_places_not_ranks() -> None:
+    # Nobody has a rank until the freeze decides them: "rank 1" would name the wrong node.
+    opened = protocol.open_version(1, now=T0, nodes=(2, 4), timing=TIMING, rank_policy="stable")
+    state = replace(opened, participants=(0, 1, 2))
+    ranks = [node(0, joined_at=T0), node(1, joined_at=T0 + 1), node(2, joined_at=T0 + 3)]
+    (outlook,) = forecast(reading(state, ranks, T0 + 1 + 30 + 5))
+    assert outlook.what.startswith("place 2 (vm-c, pid 1002) tears the version down")
+    assert "place 1 (vm-b, pid 1001) held the last call" in outlook.what
+    assert outlook.unless == "place 1 freezes it first"
+    alone = replace(opened, participants=(0,))
+    (outlook,) = forecast(reading(alone, ranks[:1], T0 + 5, nodes=(3, 3)))
+    assert outlook.what.startswith("place 0 (vm-a, pid 1000) times out")

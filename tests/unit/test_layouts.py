@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from etcd_rdzv import protocol
+from etcd_rdzv import protocol, rank_policy
 from etcd_rdzv.config import RendezvousConfig, parse_endpoints
 from etcd_rdzv.errors import ConfigurationError
 from etcd_rdzv.kv.base import Entry
@@ -195,3 +195,44 @@ def test_waiting_nodes_say_who_they_are_where_the_state_only_counts_them() -> No
     ]
     assert waiting_nodes(entries) == (early, late)
     assert rank_of(PATHS.waiting(7, "vm-c-7-aaaa")) is None
+
+
+def test_under_a_rank_policy_every_reader_names_each_rank_by_the_policys_ranks() -> None:
+    """The claims are in join order; the frozen document says which rank each place got.
+    Reading the claims by place would name the wrong node for every rank that moved."""
+    kv = MemoryEtcd().client()
+    joinable = protocol.open_version(7, now=0.0, nodes=(3, 3), rank_policy="stable")
+    entry = kv.put(PATHS.active_version, joinable.encode())
+    kv.put(PATHS.version_counter, "7")
+    queue = PATHS.join_claims(7)
+    for name in ("vm-c", "vm-a", "vm-b"):
+        identity = NodeIdentity(name, None, 100, 30.0, node_id=name).encode()
+        kv.claim(queue + name, identity, guard=entry, queue=queue)
+    # While joinable, nobody has a rank: a reader shows places.
+    listed = CLAIMS.with_participants(kv, joinable)
+    (view, *_) = CLAIMS.rank_views(listed, [], joined=CLAIMS.joined(kv, listed))
+    assert view.place and view.identity is not None and view.identity.host == "vm-c"
+    memory = rank_policy.RankMemory().after(6, ["vm-a", "vm-b", "vm-c"])
+    kv.put(PATHS.rank_memory, memory.encode())
+    decided = CLAIMS.decide_ranks(kv, rank_policy.RankPolicy("stable"), 7, 3)
+    assert isinstance(decided, rank_policy.Assignment) and decided.ranks == (2, 0, 1)
+    frozen = protocol.freeze(joinable, world_size=3, ranks=decided)
+    kv.put(PATHS.active_version, CLAIMS.encode_state(frozen))
+    assert [n.host if n else None for n in CLAIMS.joined(kv, frozen)] == ["vm-a", "vm-b", "vm-c"]
+    assert CLAIMS.ids_by_rank(kv, frozen) == ["vm-a", "vm-b", "vm-c"]
+    snapshot = read_snapshot(kv, "job", "/torchelastic/p2p")
+    assert [(r.rank, r.identity.host if r.identity else None, r.previous_rank, r.place)
+            for r in snapshot.ranks] == [(0, "vm-a", 0, False), (1, "vm-b", 1, False),
+                                         (2, "vm-c", 2, False)]  # fmt: skip
+    assert (
+        "rank policy: stable; previous ranks from version 6"
+        in report(snapshot, None, None).to_text()
+    )
+
+
+def test_a_version_torn_down_while_joinable_under_a_policy_blamed_a_place() -> None:
+    node = NodeIdentity("vm-b", None, 42, 30.0)
+    ending = VersionEnd("last_call_abandoned", (Culprit(1, node),), node, by_place=True)
+    assert VersionEnd.parse(ending.encode()) == ending
+    assert "by_place" not in VersionEnd("x", (), node).encode()  # the bytes as before
+    assert describe_rank(1, node, place=True) == "place 1 (vm-b, pid 42)"

@@ -88,7 +88,8 @@ def test_other_exceptions_pass_the_boundary_untouched() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["rendezvous", "layouts", "decisions", "protocol", "swap", "leases", "runtime"]
+    "module",
+    ["rendezvous", "layouts", "decisions", "protocol", "rank_policy", "swap", "leases", "runtime"],
 )
 def test_the_protocol_logs_only_through_the_observer(module: str) -> None:
     # Lines written around the observer would lack the run and node every event carries.

@@ -296,7 +296,8 @@ def _world_size(nodes: dict[str, list[Span]]) -> int | None:
             continue
         if span.phase in _FROZEN_SIZE_PHASES:
             frozen.append(participants)
-        elif span.phase == "join" and span.rank is not None:
+        elif span.phase == "join" and (span.rank is not None or "rdzv.place" in span.attributes):
+            # A join with a place but no rank yet: a rank policy ranks it at the freeze.
             joined.append(participants)
     sizes = frozen or joined
     return max(sizes) if sizes else None

@@ -70,7 +70,9 @@ def build_telemetry(config: RendezvousConfig) -> Telemetry:
     if settings.metrics_port is not None:
         registry = CollectorRegistry()
         nodes = (config.min_nodes, config.max_nodes)
-        observers.append(MetricsObserver(RendezvousMetrics(registry), config.run_id, nodes))
+        metrics = RendezvousMetrics(registry)
+        policy = config.rank_policy.kind
+        observers.append(MetricsObserver(metrics, config.run_id, nodes, policy))
         server = MetricsServer(registry, settings.metrics_addr, settings.metrics_port)
     observers.append(
         LoggingObserver(

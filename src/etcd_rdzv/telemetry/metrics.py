@@ -125,6 +125,13 @@ class RendezvousMetrics:
             "rendezvous again after a failure.",
             [],
         )
+        self.rank_changes = counter(
+            "etcd_rdzv_rank_changes",
+            "Rendezvous after which this node's rank differs from its rank in the final version "
+            "before (as far as known, see rank_policy), by rank policy: summed over a job's "
+            "nodes, the ranks a re-rendezvous moved.",
+            ["rank_policy"],
+        )
         self.etcd_request_duration = histogram(
             "etcd_rdzv_etcd_request_duration_seconds",
             "Latency of one etcd request, watches excluded (they wait by design).",
@@ -348,10 +355,15 @@ class CurrentPhase(Collector):
 
 class MetricsObserver(Observer):
     def __init__(
-        self, metrics: RendezvousMetrics, run_id: str, nodes: tuple[int, int] | None = None
+        self,
+        metrics: RendezvousMetrics,
+        run_id: str,
+        nodes: tuple[int, int] | None = None,
+        rank_policy: str = "join_order",
     ) -> None:
         """`nodes`: this node's (min_nodes, max_nodes), published as gauges: a dashboard or
-        an alert then compares participants with what the job needs."""
+        an alert then compares participants with what the job needs. `rank_policy`: its
+        policy's name, whose rank-change counter exists from the start."""
         self._m = metrics
         self._run_id = run_id
         self._lock = threading.Lock()
@@ -370,6 +382,7 @@ class MetricsObserver(Observer):
         for call in ("num_nodes_waiting", "is_closed", "shutdown"):
             self._series(self._m.unanswered_calls, call)
         self._series(self._m.closed_while_training)
+        self._series(self._m.rank_changes, rank_policy)
         if nodes is not None:
             self._series(self._m.min_nodes).set(nodes[0])
             self._series(self._m.max_nodes).set(nodes[1])
@@ -458,9 +471,13 @@ class MetricsObserver(Observer):
             child = self._children[key] = metric.labels(self._run_id, *labels)
         return child
 
-    def _membership(self, rank: int, world_size: int) -> None:
+    def _membership(
+        self, rank: int, world_size: int, previous_rank: int | None, rank_policy: str
+    ) -> None:
         self._series(self._m.rank).set(rank)
         self._series(self._m.world_size).set(world_size)
+        if previous_rank is not None and previous_rank != rank:
+            self._series(self._m.rank_changes, rank_policy).inc()
 
 
 class _MetricsScope(PhaseScope):
@@ -475,8 +492,12 @@ class _MetricsScope(PhaseScope):
 
     def publish_membership(self) -> None:
         rank, world_size = self._attributes.get("rank"), self._attributes.get("world_size")
+        previous = self._attributes.get("previous_rank")
+        policy = str(self._attributes.get("rank_policy") or "join_order")
         if rank is not None and world_size is not None:
-            self._observer._membership(int(rank), int(world_size))
+            self._observer._membership(
+                int(rank), int(world_size), None if previous is None else int(previous), policy
+            )
 
 
 class MetricsServer:
