@@ -109,15 +109,17 @@ class Credentials:
 
     @classmethod
     def from_settings(
-        cls, conf: Mapping[str, Any], environ: Mapping[str, str]
+        cls, conf: Mapping[str, Any], environ: Mapping[str, str], flags: SettingFlags | None = None
     ) -> Credentials | None:
         """From `username` (or ETCD_RDZV_USERNAME) and a password taken from ETCD_RDZV_PASSWORD
         or the file `password_file` names: never from `--rdzv-conf`, whose values show in
-        `ps` and in torchrun's own logs."""
+        `ps` and in torchrun's own logs. `flags`: how the caller's user names these settings
+        in its messages (the agent's `--rdzv-conf` keys unless told)."""
+        flags = flags or AGENT_FLAGS
         if "password" in conf:
             raise ConfigurationError(
                 "--rdzv-conf password= would show the password on the command line: set "
-                "ETCD_RDZV_PASSWORD, or name a file with --rdzv-conf password_file=PATH."
+                f"ETCD_RDZV_PASSWORD, or name a file with {flags.password_file}."
             )
         username = conf.get("username", environ.get("ETCD_RDZV_USERNAME"))
         password_file = conf.get("password_file", environ.get("ETCD_RDZV_PASSWORD_FILE"))
@@ -127,20 +129,35 @@ class Credentials:
                 password = Path(str(password_file)).read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as error:
                 raise ConfigurationError(
-                    f"password_file={password_file}: cannot read it ({error.strerror})."
+                    f"{flags.password_file_setting}{password_file}: cannot read it "
+                    f"({error.strerror})."
                 ) from None
         if not username:
             if password is not None:
                 raise ConfigurationError(
-                    "An etcd password is set but no user: add --rdzv-conf username=NAME."
+                    f"An etcd password is set but no user: add {flags.username}."
                 )
             return None
         if not password:
             raise ConfigurationError(
                 f"etcd user {username!r} has no password: set ETCD_RDZV_PASSWORD, or name a file "
-                "with --rdzv-conf password_file=PATH."
+                f"with {flags.password_file}."
             )
         return cls(str(username), password)
+
+
+@dataclass(frozen=True)
+class SettingFlags:
+    """How a command's user sets the credentials, for the messages that ask for them."""
+
+    username: str
+    password_file: str
+    password_file_setting: str  # what precedes the path when a message names the file
+
+
+AGENT_FLAGS = SettingFlags(
+    "--rdzv-conf username=NAME", "--rdzv-conf password_file=PATH", "password_file="
+)
 
 
 @dataclass(frozen=True)
@@ -445,7 +462,7 @@ def _check_tls_files_load(tls: TlsFiles) -> None:
             context.load_verify_locations(cafile=str(tls.cacert))
     except ssl.SSLError as error:
         raise ConfigurationError(
-            f"--rdzv-conf cacert={tls.cacert} is not a PEM CA certificate ({error.reason})."
+            f"--rdzv-conf cacert={tls.cacert} is not a PEM CA certificate{_why(error)}."
         ) from None
     try:
         if tls.cert:
@@ -453,12 +470,19 @@ def _check_tls_files_load(tls: TlsFiles) -> None:
     except ssl.SSLError as error:
         raise ConfigurationError(
             f"--rdzv-conf cert={tls.cert} key={tls.key}: not a matching PEM certificate and "
-            f"private key ({error.reason})."
+            f"private key{_why(error)}."
         ) from None
 
 
+def _why(error: ssl.SSLError) -> str:
+    """` (OpenSSL's reason)`, or nothing where OpenSSL gives none (a file that is no PEM)."""
+    reason = error.reason or re.sub(r"^\[\w+\]\s*|\s*\(_ssl\.c:\d+\)$", "", error.strerror or "")
+    return f" ({reason})" if reason else ""
+
+
 def _warn_unknown_keys(conf: Mapping[str, Any]) -> None:
-    unknown = sorted(set(conf) - KNOWN_KEYS - _FOREIGN_KEYS)
+    # `password` is refused with its own message (Credentials.from_settings), not ignored.
+    unknown = sorted(set(conf) - KNOWN_KEYS - _FOREIGN_KEYS - {"password"})
     if unknown:
         log.warning(
             "etcd-rdzv ignores these --rdzv-conf keys: %s (known: %s)",

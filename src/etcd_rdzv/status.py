@@ -35,6 +35,7 @@ from etcd_rdzv.config import (
     Credentials,
     KeyLayoutName,
     RendezvousConfig,
+    SettingFlags,
     load_tls_files,
     normalize_prefix,
     parse_endpoints,
@@ -789,10 +790,30 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--username", help="etcd user; its password from ETCD_RDZV_PASSWORD")
     parser.add_argument("--password-file", help="a file holding the etcd user's password")
+    # Refused, never read: a password on the command line shows in `ps`, shell history and
+    # CI logs. It exists so that `--password SECRET` gets that answer, not a guess.
+    parser.add_argument("--password", action=_RefusePassword, help=argparse.SUPPRESS)
     parser.add_argument("--cacert")
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.set_defaults(func=run)
+
+
+class _RefusePassword(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            "--password would show the password on the command line (ps, shell history, CI "
+            "logs); it was not used. Set ETCD_RDZV_PASSWORD, or pass --password-file PATH."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -838,6 +859,7 @@ def _connect(args: argparse.Namespace) -> KeyValue:
                 if v
             },
             os.environ,
+            SettingFlags("--username NAME", "--password-file PATH", "--password-file "),
         ),
         request_timeout=args.timeout,
     )

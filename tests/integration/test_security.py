@@ -17,8 +17,8 @@ import pytest
 from etcd_rdzv.cli import main
 from etcd_rdzv.status import EXIT_ETCD, EXIT_OK
 from etcd_rdzv_devtools.local_etcd import LocalEtcd, ServerTls, free_loopback_ports
-from tests.conftest import EtcdFactory
-from tests.support.certs import Certificates, make_certificates
+from tests.conftest import EtcdFactory, only_etcd_api
+from tests.support.certs import Certificates, client_certificate, make_certificates
 from tests.support.harness import ParticipantGroup, check_membership
 
 BACKEND = "etcd-rdzv"
@@ -219,3 +219,103 @@ def test_status_reads_an_etcd_with_auth_given_the_user(
     monkeypatch.setenv("ETCD_RDZV_PASSWORD", PASSWORD)
     assert main([*status, "--username", "root"]) == EXIT_OK
     assert "final" in capsys.readouterr().out
+
+
+# --- client certificates together with etcd users (issue 18) -----------------------------------
+
+
+@pytest.fixture
+def cert_and_auth_etcd(
+    etcd_factory: EtcdFactory, certificates: Certificates, tls_etcd: LocalEtcd
+) -> LocalEtcd:
+    """TLS only, client certificates required (`--client-cert-auth`) and etcd users on: the
+    strongest setup etcd documents. Auth is switched on with etcdctl over gRPC."""
+    for command in (["user", "add", f"root:{PASSWORD}"], ["auth", "enable"]):
+        etcdctl(tls_etcd, certificates, *command)
+    return tls_etcd
+
+
+def etcdctl(server: LocalEtcd, certificates: Certificates, *command: str) -> None:
+    """etcdctl over gRPC with the tests' CN client certificate (gRPC takes CNs; the gateway
+    does not)."""
+    tls = ["--cacert", certificates.cacert, "--cert", certificates.client_cert,
+           "--key", certificates.client_key]  # fmt: skip
+    subprocess.run(
+        ["etcdctl", f"--endpoints={server.client_url}", *map(str, tls), *command],
+        env={**os.environ, "ETCDCTL_API": "3"},
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+@only_etcd_api("v3")  # the rule is the v3 JSON gateway's; torch's v2 API has no such gateway
+def test_client_certificates_with_etcd_users(
+    tmp_path: Path,
+    cert_and_auth_etcd: LocalEtcd,
+    certificates: Certificates,
+    run_id: str,
+    *,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client certificate with a CN (as most PKIs issue them) gets an error that says what
+    to do, in the agent and in `status`; one without a CN rendezvous."""
+    (tmp_path / "certs").mkdir()
+    no_cn = client_certificate(tmp_path / "certs", certificates, "no-cn", common_name=None)
+    with_cn = (certificates.client_cert, certificates.client_key)
+    server = cert_and_auth_etcd
+    env = {"ETCD_RDZV_PASSWORD": PASSWORD}
+    conf = {**tls_conf(certificates.cacert, *with_cn), "username": "root"}
+    message = refused_at_start(group(tmp_path, server, run_id, 1, **conf), env=env)
+    assert "EtcdRejectedError" in message and server.endpoint in message
+    assert "a client certificate without a CN" in message, message
+    assert "client certificates without etcd users" in message, message
+    assert PASSWORD not in message
+
+    conf = {**tls_conf(certificates.cacert, *no_cn), "username": "root"}
+    with group(tmp_path, server, run_id, 2, **conf) as nodes:
+        nodes.start(2, backend=BACKEND, env=env)
+        check_membership(nodes.rendezvous_all(timeout=60))
+
+    monkeypatch.setenv("ETCD_RDZV_PASSWORD", PASSWORD)
+    status = ["status", "--endpoint", server.endpoint, "--run-id", run_id, "--timeout", "3",
+              "--protocol", "https", "--cacert", str(certificates.cacert),
+              "--username", "root"]  # fmt: skip
+    capsys.readouterr()
+    cn_files = ["--cert", str(with_cn[0]), "--key", str(with_cn[1])]
+    assert main([*status, *cn_files]) == EXIT_ETCD
+    assert "a client certificate without a CN" in capsys.readouterr().err
+    assert main([*status, "--cert", str(no_cn[0]), "--key", str(no_cn[1])]) == EXIT_OK
+    assert "final" in capsys.readouterr().out
+
+    # Without credentials, etcd-rdzv's requests are not judged as the server certificate's
+    # identity, even where its CN is an etcd user with the root role: they carry the Accept
+    # header by which etcd tells gateway requests (without it, this status read the run).
+    server_cn = "test-server"  # tests/support/certs.py: the server certificate's CN
+    etcdctl(server, certificates, "--user", f"root:{PASSWORD}", "user", "add", f"{server_cn}:x")
+    etcdctl(server, certificates, "--user", f"root:{PASSWORD}", "user", "grant-role",
+            server_cn, "root")  # fmt: skip
+    monkeypatch.delenv("ETCD_RDZV_PASSWORD")
+    anonymous = [arg for arg in status if arg not in ("--username", "root")]
+    assert main([*anonymous, "--cert", str(no_cn[0]), "--key", str(no_cn[1])]) == EXIT_ETCD
+    assert "etcd requires authentication" in capsys.readouterr().err
+
+
+def test_plain_http_to_an_etcd_that_serves_tls_suggests_https(
+    tmp_path: Path, tls_etcd: LocalEtcd, run_id: str
+) -> None:
+    message = refused_at_start(group(tmp_path, tls_etcd, run_id, 1, request_timeout="1"))
+    assert "EtcdUnavailableError" in message and tls_etcd.endpoint in message
+    assert "closed without a reply" in message and "protocol=https" in message, message
+    assert "Check that etcd is running" not in message
+
+
+def test_no_client_certificate_for_an_etcd_that_requires_one_is_said(
+    tmp_path: Path, tls_etcd: LocalEtcd, certificates: Certificates, run_id: str
+) -> None:
+    message = refused_at_start(
+        group(tmp_path, tls_etcd, run_id, 1, **tls_conf(certificates.cacert))
+    )
+    assert "EtcdRejectedError" in message and "TLS handshake failed" in message
+    assert "may require a client certificate" in message, message

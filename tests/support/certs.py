@@ -20,6 +20,16 @@ class Certificates:
     client_key: Path
 
 
+def client_certificate(
+    directory: Path, certificates: Certificates, stem: str, *, common_name: str | None
+) -> tuple[Path, Path]:
+    """Another client certificate from the CA of `certificates` (made in `directory`), with
+    the Common Name given or none at all (its subject then names only an organization)."""
+    ca_key = certificates.cacert.with_name(certificates.cacert.name.replace("-ca.pem", "-ca.key"))
+    subject = f"/CN={common_name}" if common_name else f"/O={stem}"
+    return _signed(directory, stem, ca_key, certificates.cacert, server=False, subject=subject)
+
+
 def make_certificates(directory: Path, name: str = "test") -> Certificates:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, cacert = directory / f"{name}-ca.key", directory / f"{name}-ca.pem"
@@ -33,7 +43,13 @@ def make_certificates(directory: Path, name: str = "test") -> Certificates:
 
 
 def _signed(
-    directory: Path, stem: str, ca_key: Path, cacert: Path, *, server: bool
+    directory: Path,
+    stem: str,
+    ca_key: Path,
+    cacert: Path,
+    *,
+    server: bool,
+    subject: str | None = None,
 ) -> tuple[Path, Path]:
     key, request, cert = (directory / f"{stem}.{ext}" for ext in ("key", "csr", "pem"))
     extensions = directory / f"{stem}.ext"
@@ -44,7 +60,7 @@ def _signed(
     extensions.write_text(f"extendedKeyUsage = {usage}\n{names}")
     _openssl(
         "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
-        "-subj", f"/CN={stem}",
+        "-subj", subject or f"/CN={stem}",
     )  # fmt: skip
     _openssl(
         "x509", "-req", "-in", request, "-CA", cacert, "-CAkey", ca_key, "-CAcreateserial",

@@ -210,3 +210,24 @@ def test_incomplete_credentials_are_named(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         config_of(environ=environ, **conf)
+
+
+@pytest.mark.parametrize("name", ["cacert", "cert"])
+def test_a_file_that_is_no_pem_is_named_without_a_stray_none(tmp_path: Path, name: str) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+    files: dict[str, Any] = {name: str(garbage)}
+    with pytest.raises(ConfigurationError) as refused:
+        config_of(protocol="https", **files)
+    message = str(refused.value)
+    assert f"{name}={garbage}" in message and "(None)" not in message, message
+    assert "_ssl.c" not in message, message
+
+
+def test_a_password_in_rdzv_conf_is_refused_without_a_warning_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(ConfigurationError, match="would show the password"):
+        config_of(username="trainer", password="on-the-command-line")
+    assert "ignores these --rdzv-conf keys" not in caplog.text
+    assert "on-the-command-line" not in caplog.text

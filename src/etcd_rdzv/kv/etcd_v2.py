@@ -9,6 +9,7 @@ may have applied raises `OutcomeUnknown`.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import urllib3.exceptions
 
 from etcd_rdzv.config import EtcdEndpoint, RendezvousConfig
 from etcd_rdzv.errors import EtcdRejectedError
+from etcd_rdzv.kv import advice
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
@@ -51,8 +53,15 @@ class V2ApiUnavailable(EtcdRejectedError):
 class EtcdV2(KeyValue):
     def __init__(self, config: RendezvousConfig, observer: Observer) -> None:
         """Connect as `config` says: its endpoints, TLS files, credentials and timeout."""
-        self._failover = Failover(config.endpoints, config.request_timeout, observer)
+        plain_http = config.protocol == "http"
+        self._failover = Failover(
+            config.endpoints,
+            config.request_timeout,
+            observer,
+            lambda error: _explain(error, plain_http),
+        )
         self._clients = [_client(endpoint, config) for endpoint in config.endpoints]
+        self._client_certificate = config.tls.cert is not None
 
     def describe(self) -> str:
         return self._failover.describe()
@@ -107,16 +116,27 @@ class EtcdV2(KeyValue):
         self._call("refresh", key, idempotent=True, request=lambda c: c.refresh(key, _ttl(ttl)))
 
     def ensure_directory(self, key: str, ttl: float | None = None) -> None:
-        try:
+        def create() -> None:
             self._call(
                 "create",
                 key,
                 idempotent=False,
                 request=lambda c: c.write(key, None, dir=True, prevExist=False, ttl=_ttl(ttl)),
             )
-        except (AlreadyExists, OutcomeUnknown):
-            # Either way the directory is there now (or will be, from the lost request).
+
+        try:
+            create()
+        except AlreadyExists:
             pass
+        except OutcomeUnknown:
+            # Applied or not: a read tells, and one that gets no answer either is an etcd that
+            # never answers (a TLS-only etcd spoken to in plain HTTP closes every connection):
+            # its error, with what to do, is better at start than a rendezvous that hangs.
+            try:
+                self.get(key)
+            except KeyNotFound:
+                with contextlib.suppress(AlreadyExists, OutcomeUnknown):
+                    create()
 
     def list(self, prefix: str) -> Listing:
         result = self._call("list", prefix, idempotent=True, request=lambda c: c.read(prefix))
@@ -175,7 +195,7 @@ class EtcdV2(KeyValue):
         def classify(error: Exception, where: str) -> tuple[str, Exception | None]:
             if not isinstance(error, etcd.EtcdException):
                 return "error", error
-            return _classify(error, key, where, idempotent)
+            return _classify(error, key, where, idempotent, self._client_certificate)
 
         return self._failover.call(operation, key, attempt, classify)
 
@@ -184,8 +204,22 @@ class _HistoryGone(Exception):
     """etcd dropped the events a watch asked for; the caller re-reads."""
 
 
+def _explain(error: Exception, plain_http: bool) -> str | None:
+    """Advice when the requests never got an answer: plain HTTP to an etcd serving TLS."""
+    if not plain_http or not isinstance(error, etcd.EtcdConnectionFailed):
+        return None
+    cause = _root_cause(error)
+    if isinstance(cause, urllib3.exceptions.ProtocolError) and len(cause.args) > 1:
+        cause = cause.args[1]  # ("Connection aborted.", RemoteDisconnected(...))
+    return advice.PLAIN_HTTP_TO_TLS if advice.closed_without_reply(cause) else None
+
+
 def _classify(
-    error: etcd.EtcdException, key: str, where: str, idempotent: bool
+    error: etcd.EtcdException,
+    key: str,
+    where: str,
+    idempotent: bool,
+    client_certificate: bool = False,
 ) -> tuple[str, Exception | None]:
     """The outcome to report, and the error to raise (None: a transient failure to retry)."""
     payload = getattr(error, "payload", None) or {}
@@ -212,7 +246,7 @@ def _classify(
         cause = _root_cause(error)
         if isinstance(cause, urllib3.exceptions.SSLError | ssl.SSLError):
             return "tls_error", EtcdRejectedError(
-                f"{where}: TLS handshake failed ({cause}). Check cacert, cert and key."
+                advice.tls_failure(where, cause, client_certificate)
             )
         if isinstance(cause, _NOT_SENT) or idempotent:
             return "unavailable", None

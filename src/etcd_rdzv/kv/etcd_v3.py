@@ -34,6 +34,7 @@ from typing import Any
 
 from etcd_rdzv.config import Credentials, RendezvousConfig
 from etcd_rdzv.errors import CorruptStateError, EtcdRejectedError
+from etcd_rdzv.kv import advice
 from etcd_rdzv.kv.base import (
     AlreadyExists,
     Change,
@@ -81,6 +82,20 @@ _LEASE_MARGIN_SECONDS = 1.0
 
 class V3ApiUnavailable(EtcdRejectedError):
     """The server answers HTTP but serves no v3 JSON gateway at /v3/ (etcd before 3.4)."""
+
+
+# etcd's gateway, with client-certificate auth and user auth both on, refuses any request
+# whose client certificate has a Common Name: over gRPC etcd would take the CN for the user,
+# and through the gateway it cannot (etcd's embed/serve.go, v3.4).
+_COMMON_NAME_REFUSED = "CommonName of client sending a request against gateway"
+_COMMON_NAME_ADVICE = (
+    "etcd refuses requests from a client certificate with a Common Name (CN) while it runs "
+    "with both client certificate auth (--client-cert-auth) and etcd users (auth enabled): "
+    "its JSON gateway, the v3 API this client speaks, cannot take the CN for the user, as "
+    "gRPC clients do. Use a client certificate without a CN (the user then comes from "
+    "username= and its password), or client certificates without etcd users (auth "
+    "disabled). See docs/reliability.md#security."
+)
 
 
 class _GatewayError(Exception):
@@ -134,8 +149,12 @@ class EtcdV3(KeyValue):
     def __init__(self, config: RendezvousConfig, observer: Observer) -> None:
         """Connect as `config` says: its endpoints, TLS files, credentials and timeout."""
         endpoints = config.endpoints
-        self._failover = Failover(endpoints, config.request_timeout, observer)
+        plain_http = config.protocol == "http"
+        self._failover = Failover(
+            endpoints, config.request_timeout, observer, lambda error: _explain(error, plain_http)
+        )
         self._credentials = config.credentials
+        self._client_certificate = config.tls.cert is not None
         # The auth token of the endpoint that issued it; any endpoint accepts it.
         self._token: str | None = None
         self._request_timeout = config.request_timeout
@@ -512,7 +531,12 @@ class EtcdV3(KeyValue):
             raise WatchTimedOut() from None
 
     def _headers(self, index: int) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        # Accept, though JSON is the only answer: etcd tells a request that came through its
+        # gateway by the metadata the gateway makes of this header. Without it, with client
+        # certificate auth and users on, a request without a token is authorized as the user
+        # the *server* certificate's CN names, which the gateway presents to etcd's gRPC port
+        # (docs/reliability.md#security): an agent without credentials would borrow it.
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._credentials is not None:
             with self._lock:
                 token = self._token
@@ -530,7 +554,7 @@ class EtcdV3(KeyValue):
             index,
             "/auth/authenticate",
             json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
+            {"Content-Type": "application/json", "Accept": "application/json"},
             self._request_timeout,
         )
         reply = _json(data)
@@ -557,13 +581,20 @@ class EtcdV3(KeyValue):
                     f"{where}: etcd requires authentication ({error.message}). Set --rdzv-conf "
                     "username=NAME and the password in ETCD_RDZV_PASSWORD or password_file."
                 )
-            return _classify(error, key, where, idempotent)
+            return _classify(error, key, where, idempotent, self._client_certificate)
 
         return classify
 
 
+def _explain(error: Exception, plain_http: bool) -> str | None:
+    """Advice when the requests never got an answer: plain HTTP to an etcd serving TLS."""
+    if plain_http and isinstance(error, AnswerLost) and advice.closed_without_reply(error.cause):
+        return advice.PLAIN_HTTP_TO_TLS
+    return None
+
+
 def _classify(
-    error: Exception, key: str, where: str, idempotent: bool
+    error: Exception, key: str, where: str, idempotent: bool, client_certificate: bool = False
 ) -> tuple[str, Exception | None]:
     """The outcome to report, and the error to raise (None: a transient failure to retry)."""
     if isinstance(error, KvError):
@@ -579,7 +610,7 @@ def _classify(
     tls_failure = error.cause if isinstance(error, NotSent) else error
     if isinstance(tls_failure, ssl.SSLError):
         return "tls_error", EtcdRejectedError(
-            f"{where}: TLS handshake failed ({tls_failure}). Check cacert, cert and key."
+            advice.tls_failure(where, tls_failure, client_certificate)
         )
     if isinstance(error, _NOT_SENT):
         return "unavailable", None
@@ -591,6 +622,8 @@ def _classify(
         return "error", error
     message = error.message
     if error.code is None:
+        if _COMMON_NAME_REFUSED in message:
+            return "error", EtcdRejectedError(f"{where}: {_COMMON_NAME_ADVICE}")
         if error.status == 404:
             return "no_v3_api", V3ApiUnavailable(
                 f"{where}: this server does not serve etcd's v3 JSON API at /v3/ (HTTP 404). "

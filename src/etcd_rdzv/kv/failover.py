@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from etcd_rdzv.config import EtcdEndpoint
 from etcd_rdzv.errors import EtcdUnavailableError
+from etcd_rdzv.kv.advice import UNREACHABLE
 from etcd_rdzv.kv.base import OutcomeUnknown
 from etcd_rdzv.retry import TRANSIENT_BACKOFF, Deadline
 from etcd_rdzv.telemetry import Observer
@@ -30,13 +31,20 @@ class WatchTimedOut(Exception):
 
 class Failover:
     def __init__(
-        self, endpoints: Sequence[EtcdEndpoint], request_timeout: float, observer: Observer
+        self,
+        endpoints: Sequence[EtcdEndpoint],
+        request_timeout: float,
+        observer: Observer,
+        explain: Callable[[Exception], str | None] = lambda error: None,
     ) -> None:
+        """`explain(error)`: what to tell the user when the passing failures never passed,
+        from the last one (None: check that etcd runs and is reachable)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = tuple(endpoints)
         self.request_timeout = request_timeout
         self._observer = observer
+        self._explain = explain
         self._preferred = 0
         self._lock = threading.Lock()
 
@@ -56,6 +64,7 @@ class Failover:
         """
         deadline = Deadline(self.request_timeout)
         outcome = "unavailable"
+        last: Exception | None = None
         for attempt in range(TRANSIENT_BACKOFF.max_attempts):
             index = self._preferred
             started = time.monotonic()
@@ -69,6 +78,7 @@ class Failover:
             except Exception as error:
                 where = f"etcd at {self.endpoints[index]}: {operation} {key}"
                 outcome, fatal = classify(error, where)
+                last = error
                 if fatal is not None:
                     if isinstance(fatal, OutcomeUnknown):
                         self._fail_over(index)
@@ -80,10 +90,10 @@ class Failover:
                 break
             self._observer.retry(None, outcome, attempt + 1)
             TRANSIENT_BACKOFF.sleep(attempt, deadline)
+        advice = (self._explain(last) if last is not None else None) or UNREACHABLE
         raise EtcdUnavailableError(
             f"etcd at {self.describe()} did not answer {operation} {key} within "
-            f"{self.request_timeout:g}s (last: {outcome}). "
-            "Check that etcd is running and reachable from this host."
+            f"{self.request_timeout:g}s (last: {outcome}). {advice}"
         )
 
     def _fail_over(self, failed_index: int) -> None:
