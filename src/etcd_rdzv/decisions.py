@@ -182,11 +182,11 @@ def may_claim(
     state: RendezvousState,
     version: int,
     nodes: tuple[int, int],
-    rank_policy: str = "join_order",
+    policy: rank_policy.RankPolicy = rank_policy.JOIN_ORDER,
     env_rank: int | None = None,
 ) -> Done | StartOver | Misfit:
     """Whether this node may claim a place in `version`: joinable, and opened for its size
-    and its rank policy (`RankPolicy.spec`). A rank from the environment that no version
+    and its rank policy. A rank from the environment that no version
     can have fails this node alone, before its claim could fail everyone's version."""
     if not state.is_version(Status.JOINABLE, version):
         return StartOver("state_moved_on", f"version {version} is not joinable")
@@ -197,23 +197,18 @@ def may_claim(
             f"node has min_nodes {nodes[0]}, max_nodes {nodes[1]}{_SAME_NODES}"
         )
     run_policy = protocol.declared_rank_policy(state)
-    if run_policy != rank_policy:
+    if run_policy != policy.spec:
         return Misfit(
-            f"version {version} was opened with rank_policy={_shown(run_policy)} and this node "
-            f"has rank_policy={_shown(rank_policy)}: every node of a run must use the same "
+            f"version {version} was opened with rank_policy={rank_policy.shown(run_policy)} and "
+            f"this node has {policy.describe()}: every node of a run must use the same "
             "rank_policy (and rank0_node)."
         )
     if env_rank is not None and env_rank >= nodes[1]:
-        variable = rank_policy.partition("=")[2].partition(";")[0] or "the environment"
         return Misfit(
-            f"this node's rank from {variable}, {env_rank}, is not below max_nodes "
+            f"this node's rank from {policy.env_var}, {env_rank}, is not below max_nodes "
             f"{nodes[1]}: each node needs its own rank, from 0 to the number of nodes minus one."
         )
     return DONE
-
-
-def _shown(spec: str) -> str:
-    return spec.replace(";", " with ")
 
 
 def freeze_claims(

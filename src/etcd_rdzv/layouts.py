@@ -221,7 +221,7 @@ def ranked_by_place(state: RendezvousState) -> bool:
     version whose rank policy decides ranks only at the freeze."""
     return (
         state.status is Status.JOINABLE
-        and protocol.declared_rank_policy(state) != rank_policy.RankPolicy().spec
+        and protocol.declared_rank_policy(state) != rank_policy.JOIN_ORDER.spec
     )
 
 
@@ -409,13 +409,15 @@ class KeyLayout:
         return tuple(NodeIdentity.parse(entry.value) for entry in in_order)
 
     def decide_ranks(
-        self, kv: KeyValue, policy: rank_policy.RankPolicy, version: int, world_size: int
+        self,
+        kv: KeyValue,
+        policy: rank_policy.RankPolicy,
+        claims: Sequence[NodeIdentity | None],
     ) -> rank_policy.Assignment | rank_policy.Conflict:
-        """The ranks of `version`'s first `world_size` claims under `policy`, from the claims
-        and the run's rank memory (what the freezing node writes into the frozen state).
-        Only claims have places to rank: over torch's layout the config allows join order
-        alone."""
-        claims = self.join_claims(kv, version)[:world_size]
+        """The ranks of a version's participants, its first join `claims` (`join_claims`),
+        under `policy`, with the run's rank memory (what the freezing node writes into the
+        frozen state). Only claims have places to rank: over torch's layout the config allows
+        join order alone."""
         unnamed = NodeIdentity(None, None, None)
         candidates = [(claim or unnamed).candidate() for claim in claims]
         return rank_policy.assign(policy, candidates, self.rank_memory(kv))
@@ -572,7 +574,7 @@ class ClaimsLayout(KeyLayout):
         policy = node.config.rank_policy
         with node.phase(Phase.JOIN, version=version) as scope:
             may = decisions.may_claim(
-                snapshot[1], version, node.nodes, policy.spec, node.config.env_rank
+                snapshot[1], version, node.nodes, policy, node.config.env_rank
             )
             node.check(Phase.JOIN, may)
             queue = self.paths.join_claims(version)
@@ -629,10 +631,11 @@ class ClaimsLayout(KeyLayout):
         phase: Phase,
         world_size: int,
         deadline: Deadline,
+        claims: Sequence[NodeIdentity | None] | None = None,
     ) -> Snapshot:
         """Freeze the version with its first `world_size` claims as participants, ranked by
-        the run's rank policy when it is not join order."""
-        ranks = node.decide_ranks(version, world_size)
+        the run's rank policy when it is not join order (from `claims`, when read already)."""
+        ranks = node.decide_ranks(version, world_size, claims)
         _, snapshot = node.swap_state(
             snapshot,
             phase,
@@ -651,9 +654,18 @@ class ClaimsLayout(KeyLayout):
         snapshot = _await_frozen(node, Phase.LAST_CALL, version, snapshot, deadline, until=window)
         if snapshot[1].is_version(Status.FROZEN, version):
             return snapshot  # the claim that filled the version froze it
-        counted = decisions.last_call_counted(node.count_join_claims(version), node.nodes[1])
+        # Under a rank policy the claims themselves are ranked: one listing for both.
+        claims = node.join_claims(version) if node.config.rank_policy.decided_at_freeze else None
+        joined = len(claims) if claims is not None else node.count_join_claims(version)
+        counted = decisions.last_call_counted(joined, node.nodes[1])
         return self._freeze(
-            node, version, snapshot, phase=Phase.LAST_CALL, world_size=counted, deadline=deadline
+            node,
+            version,
+            snapshot,
+            phase=Phase.LAST_CALL,
+            world_size=counted,
+            deadline=deadline,
+            claims=claims,
         )
 
     def _await_freeze(

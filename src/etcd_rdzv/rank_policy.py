@@ -90,10 +90,15 @@ class RankPolicy:
         return base if self.rank0_node is None else f"{base};rank0_node={self.rank0_node}"
 
     def describe(self) -> str:
-        if self.rank0_node is None:
-            return f"rank_policy={self.spec}"
-        base = f"from_env={self.env_var}" if self.kind == "from_env" else self.kind
-        return f"rank_policy={base} with rank0_node={self.rank0_node}"
+        return f"rank_policy={shown(self.spec)}"
+
+
+def shown(spec: str) -> str:
+    """A policy's spec as people read it: `stable with rank0_node=a` for `stable;rank0_node=a`."""
+    return spec.replace(";", " with ")
+
+
+JOIN_ORDER = RankPolicy()
 
 
 def default_node_id(host: str, local_addr: str | None, environ: Mapping[str, str]) -> str:

@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -447,10 +447,7 @@ class EtcdRendezvous:
         state = self.current_state()
         if state is None or state.status is not Status.FINAL or state.version is None:
             return []
-        try:
-            live = self._kv.list(self.paths.version_dir(state.version)).keys
-        except KeyNotFound:
-            live = frozenset()
+        live = self._list_version(state.version)[1]
         own = None
         if membership is not None and membership.version == state.version:
             own = self.paths.keep_alive(membership.version, membership.rank)
@@ -620,15 +617,23 @@ class EtcdRendezvous:
             # Claims are never deleted while their version lasts: a count only grows.
             self._claims_counted = (version, claims)
 
+    def join_claims(self, version: int) -> tuple[NodeIdentity | None, ...]:
+        """`version`'s join claims in claim order, counted (one listing)."""
+        claims = self.layout.join_claims(self._kv, version)
+        self.count_claims(version, len(claims))
+        return claims
+
     def decide_ranks(
-        self, version: int, world_size: int
+        self, version: int, world_size: int, claims: Sequence[NodeIdentity | None] | None
     ) -> rank_policy.Assignment | rank_policy.Conflict | None:
         """The ranks this node freezes `version` with: None under join order (a rank is a
-        claim's place), else decided by the run's rank policy (two reads)."""
+        claim's place), else decided by the run's rank policy from the `claims` (listed
+        here when not given) and the run's rank memory (a read)."""
         policy = self.config.rank_policy
         if not policy.decided_at_freeze:
             return None
-        return self.layout.decide_ranks(self._kv, policy, version, world_size)
+        listed = self.join_claims(version) if claims is None else claims
+        return self.layout.decide_ranks(self._kv, policy, listed[:world_size])
 
     def remember_ranks(self, version: int, final: RendezvousState) -> None:
         """Record final `version`'s ranks by node id in the run's rank memory, for the next

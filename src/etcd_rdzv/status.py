@@ -67,7 +67,7 @@ from etcd_rdzv.layouts import (
     waiting_nodes,
 )
 from etcd_rdzv.protocol import RendezvousState, Status, declared_nodes, missing_keep_alives
-from etcd_rdzv.rank_policy import Assignment, Conflict
+from etcd_rdzv.rank_policy import Assignment, Conflict, shown
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -668,7 +668,7 @@ def _rank_policy_text(state: RendezvousState) -> str | None:
     spec = protocol.declared_rank_policy(state)
     if spec == "join_order":
         return None
-    text = f"rank policy: {spec.replace(';', ' with ')}"
+    text = f"rank policy: {shown(spec)}"
     decided = protocol.decided_ranks(state)
     if isinstance(decided, Conflict):
         return f"{text}; it could not rank this version, every node of it fails: {decided.message}"

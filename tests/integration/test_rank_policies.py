@@ -13,42 +13,13 @@ import pytest
 
 from etcd_rdzv.cli import main
 from etcd_rdzv.kv import KeyValue
-from etcd_rdzv.layouts import RunPaths
 from etcd_rdzv_devtools.local_etcd import LocalEtcd
 from tests.conftest import only_etcd_api
-from tests.support.harness import Participant, ParticipantGroup, wait_ready
+from tests.integration.test_rendezvous import BACKEND, group
+from tests.support.harness import Participant, joined_ranks, wait_ready
 from tests.support.waiting import wait_until
 
-BACKEND = "etcd-rdzv"
-FAST = {"last_call_timeout": "1", "keep_alive_ttl": "2", "timeout": "60"}
-PREFIX = "/torchelastic/p2p"
-
 pytestmark = only_etcd_api("v3")  # over v2 only join order exists (tests/unit/test_rank_policy)
-
-
-def group(
-    tmp_path: Path, etcd: LocalEtcd, run_id: str, nodes: int, **conf: str
-) -> ParticipantGroup:
-    return ParticipantGroup(
-        tmp_path / run_id,
-        endpoint=etcd.endpoint,
-        run_id=run_id,
-        min_nodes=nodes,
-        max_nodes=nodes,
-        conf={**FAST, **conf},
-    )
-
-
-def claims(kv: KeyValue, run_id: str) -> int:
-    """Join claims of the active joinable version (0 when there is none)."""
-    paths = RunPaths(f"{PREFIX}/run_{run_id}")
-    try:
-        state = json.loads(kv.get(paths.active_version).value)
-    except Exception:
-        return 0
-    if state.get("status") != "joinable":
-        return 0
-    return len(kv.list(paths.join_claims(int(state["version"]))).entries)
 
 
 def status_json(
@@ -70,7 +41,7 @@ def test_a_restarted_node_gets_its_rank_back_under_stable_only(
     capsys: pytest.CaptureFixture[str],
     policy: str,
 ) -> None:
-    with group(tmp_path, etcd, run_id, 3, rank_policy=policy) as nodes:
+    with group(tmp_path, etcd, run_id, 3, 3, rank_policy=policy) as nodes:
         by_id: dict[str, Participant] = {}
         for name in ("node-a", "node-b", "node-c"):
             (by_id[name],) = nodes.start(backend=BACKEND, conf={"node_id": name})
@@ -85,7 +56,7 @@ def test_a_restarted_node_gets_its_rank_back_under_stable_only(
         wait_ready([restarted])
         by_id[victim] = restarted
         restarted.send({"cmd": "rendezvous"})
-        wait_until("the restarted node joined", lambda: claims(kv, run_id) == 1, 30)
+        wait_until("the restarted node joined", lambda: joined_ranks(kv, run_id) == [0], 30)
         for name, node in by_id.items():
             if name != victim:
                 node.send({"cmd": "rendezvous"})
@@ -106,7 +77,7 @@ def test_a_restarted_node_gets_its_rank_back_under_stable_only(
 def test_status_shows_node_ids_and_previous_ranks(
     tmp_path: Path, etcd: LocalEtcd, run_id: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with group(tmp_path, etcd, run_id, 2, rank_policy="host_order") as nodes:
+    with group(tmp_path, etcd, run_id, 2, 2, rank_policy="host_order") as nodes:
         for name in ("vm-b", "vm-a"):
             nodes.start(backend=BACKEND, conf={"node_id": name})
         results = nodes.rendezvous_all(60)
@@ -127,7 +98,7 @@ def test_status_shows_node_ids_and_previous_ranks(
 def test_duplicate_ranks_from_the_environment_fail_every_node_naming_both(
     tmp_path: Path, etcd: LocalEtcd, run_id: str
 ) -> None:
-    with group(tmp_path, etcd, run_id, 2, rank_policy="from_env=GROUP_RANK") as nodes:
+    with group(tmp_path, etcd, run_id, 2, 2, rank_policy="from_env=GROUP_RANK") as nodes:
         for name in ("pod-a", "pod-b"):
             nodes.start(backend=BACKEND, conf={"node_id": name}, env={"GROUP_RANK": "0"})
         for node in nodes.members:
@@ -144,10 +115,10 @@ def test_duplicate_ranks_from_the_environment_fail_every_node_naming_both(
 def test_nodes_with_another_rank_policy_are_refused_clearly(
     tmp_path: Path, etcd: LocalEtcd, run_id: str, kv: KeyValue
 ) -> None:
-    with group(tmp_path, etcd, run_id, 2) as nodes:
+    with group(tmp_path, etcd, run_id, 2, 2) as nodes:
         (opener,) = nodes.start(backend=BACKEND, conf={"rank_policy": "stable"})
         opener.send({"cmd": "rendezvous"})
-        wait_until("the opener joined", lambda: claims(kv, run_id) == 1, 30)
+        wait_until("the opener joined", lambda: joined_ranks(kv, run_id) == [0], 30)
         (other,) = nodes.start(backend=BACKEND)
         other.send({"cmd": "rendezvous"})
         error = other.expect_answer(60)

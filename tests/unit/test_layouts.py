@@ -214,7 +214,7 @@ def test_under_a_rank_policy_every_reader_names_each_rank_by_the_policys_ranks()
     assert view.place and view.identity is not None and view.identity.host == "vm-c"
     memory = rank_policy.RankMemory().after(6, ["vm-a", "vm-b", "vm-c"])
     kv.put(PATHS.rank_memory, memory.encode())
-    decided = CLAIMS.decide_ranks(kv, rank_policy.RankPolicy("stable"), 7, 3)
+    decided = CLAIMS.decide_ranks(kv, rank_policy.RankPolicy("stable"), CLAIMS.join_claims(kv, 7))
     assert isinstance(decided, rank_policy.Assignment) and decided.ranks == (2, 0, 1)
     frozen = protocol.freeze(joinable, world_size=3, ranks=decided)
     kv.put(PATHS.active_version, CLAIMS.encode_state(frozen))

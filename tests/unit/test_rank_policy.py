@@ -272,7 +272,7 @@ def test_the_memory_keeps_a_bounded_number_of_earlier_nodes() -> None:
 
 def test_a_frozen_document_carries_the_ranks_and_every_node_reads_its_own() -> None:
     joinable = protocol.open_version(3, rank_policy="stable")
-    assert decisions.may_claim(joinable, 3, (1, 3), "stable") == decisions.DONE
+    assert decisions.may_claim(joinable, 3, (1, 3), STABLE) == decisions.DONE
     decided = assign(STABLE, nodes("b", "a"), memory_of(2, "a", "b"))
     frozen = decisions.freeze_claims(joinable, 3, 2, 0.0, decided)
     assert isinstance(frozen, decisions.Write)
@@ -329,23 +329,24 @@ def test_a_conflict_fails_every_node_of_the_version_with_its_message() -> None:
 
 def test_every_node_of_a_run_needs_the_same_policy() -> None:
     joinable = protocol.open_version(3, rank_policy="stable")
-    misfit = decisions.may_claim(joinable, 3, (1, 3), "join_order")
+    misfit = decisions.may_claim(joinable, 3, (1, 3), RankPolicy())
     assert isinstance(misfit, decisions.Misfit)
     assert "opened with rank_policy=stable and this node has rank_policy=join_order" in (
         misfit.message
     )
     opened_by_default = protocol.open_version(3)
     assert isinstance(
-        decisions.may_claim(opened_by_default, 3, (1, 3), "host_order"), decisions.Misfit
+        decisions.may_claim(opened_by_default, 3, (1, 3), RankPolicy("host_order")),
+        decisions.Misfit,
     )
     assert decisions.may_claim(opened_by_default, 3, (1, 3)) == decisions.DONE
 
 
 def test_a_rank_from_the_environment_past_max_nodes_fails_its_node_before_it_claims() -> None:
     joinable = protocol.open_version(3, nodes=(2, 3), rank_policy=FROM_ENV.spec)
-    misfit = decisions.may_claim(joinable, 3, (2, 3), FROM_ENV.spec, env_rank=3)
+    misfit = decisions.may_claim(joinable, 3, (2, 3), FROM_ENV, env_rank=3)
     assert isinstance(misfit, decisions.Misfit)
     assert misfit.message.startswith(
         "this node's rank from GROUP_RANK, 3, is not below max_nodes 3"
     )
-    assert decisions.may_claim(joinable, 3, (2, 3), FROM_ENV.spec, env_rank=2) == decisions.DONE
+    assert decisions.may_claim(joinable, 3, (2, 3), FROM_ENV, env_rank=2) == decisions.DONE
